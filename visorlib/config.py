@@ -1,0 +1,265 @@
+"""Typed, strictly validated model configuration.
+
+A zoo card (``zoo/<name>.yaml``) is parsed into a :class:`ModelConfig`. Every key must be a field
+of the matching dataclass and every value must have the declared type, so that a typo such as
+``num_layer: 24`` fails loudly (naming the key and the file) instead of silently building a model
+with the default. The same strict parser serves overrides passed to :func:`visorlib.build`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is malformed (unknown key, wrong type, bad value)."""
+
+
+@dataclass
+class VisionConfig:
+    """A ViT-style vision tower (SigLIP for LLaVA-OneVision).
+
+    Attributes:
+        kind: Name of the vision backbone adapter (``"siglip"``).
+        image_size: Side of the square tile the tower sees, in pixels.
+        patch_size: Side of one patch; a tile yields ``(image_size // patch_size) ** 2`` tokens.
+        hidden_size: Width of the tower.
+        intermediate_size: Width of the tower's MLP.
+        num_layers: Number of transformer blocks kept (LLaVA-OV keeps 26 of SigLIP's 27).
+        num_heads: Attention heads.
+        layer_norm_eps: LayerNorm epsilon.
+    """
+
+    kind: str = "siglip"
+    image_size: int = 384
+    patch_size: int = 14
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_layers: int = 26
+    num_heads: int = 16
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side of one tile."""
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Visual tokens one tile produces before any packing."""
+        return self.grid_size**2
+
+
+@dataclass
+class DecoderConfig:
+    """A Qwen2-style decoder-only language model.
+
+    Attributes:
+        kind: Name of the decoder adapter (``"qwen2"``).
+        vocab_size: Rows of the embedding table (and of the LM head).
+        hidden_size: Model width.
+        intermediate_size: SwiGLU inner width.
+        num_layers: Decoder layers.
+        num_heads: Query heads.
+        num_kv_heads: Key/value heads (grouped-query attention).
+        rope_theta: RoPE base frequency.
+        rms_norm_eps: RMSNorm epsilon.
+        max_position_embeddings: Longest context the model was trained for.
+        tie_word_embeddings: Whether the LM head shares the embedding matrix.
+        attention_bias: Whether q/k/v projections carry a bias (True for Qwen2).
+    """
+
+    kind: str = "qwen2"
+    vocab_size: int = 152000
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_layers: int = 24
+    num_heads: int = 14
+    num_kv_heads: int = 2
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = True
+    attention_bias: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class ImageProcessingConfig:
+    """How PIL images become ``pixel_values`` (LLaVA-OneVision anyres).
+
+    Attributes:
+        image_mean: Per-channel mean subtracted after scaling to [0, 1].
+        image_std: Per-channel std divided by.
+        grid_pinpoints: Candidate tiled resolutions ``[height, width]``; ``None`` means
+            ``[tile*i, tile*j]`` for ``i, j`` in ``1..max_grid``.
+        max_grid: Largest number of tiles per side when ``grid_pinpoints`` is not given.
+        vision_aspect_ratio: ``"anyres_max_N"``: shrink the unpadded grid to at most N tiles' worth.
+    """
+
+    image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    grid_pinpoints: list[list[int]] | None = None
+    max_grid: int = 6
+    vision_aspect_ratio: str = "anyres_max_9"
+
+    def pinpoints(self, tile: int) -> list[list[int]]:
+        """The candidate resolutions for a tile of side ``tile``."""
+        if self.grid_pinpoints is not None:
+            return [list(p) for p in self.grid_pinpoints]
+        r = range(1, self.max_grid + 1)
+        return [[tile * i, tile * j] for i in r for j in r]
+
+    @property
+    def max_tiles(self) -> int:
+        """N in ``anyres_max_N``."""
+        prefix = "anyres_max_"
+        if not self.vision_aspect_ratio.startswith(prefix):
+            raise ConfigError(f"vision_aspect_ratio must look like 'anyres_max_9', got {self.vision_aspect_ratio!r}")
+        return int(self.vision_aspect_ratio[len(prefix):])
+
+
+@dataclass
+class TokensConfig:
+    """Special token ids the model and processor agree on."""
+
+    image_token_id: int = 151646
+    video_token_id: int = 151647
+    eos_token_ids: list[int] = field(default_factory=lambda: [151645, 151643])
+    pad_token_id: int = 151643
+    chat_template: str = "qwen2"
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to build one model: a parsed zoo card.
+
+    Attributes:
+        name: Registry name (``"llava-ov-0.5b"``).
+        family: Model assembly (``"llava_onevision"``).
+        description: One line for ``visorlib list``.
+        hub_id: Hugging Face repository holding the reference weights (and tokenizer).
+        paper: Where the architecture comes from.
+        vision: Vision tower.
+        decoder: Language model.
+        projector_act: Activation between the projector's two linears.
+        use_image_newline: Whether a learned ``image_newline`` ends every grid row.
+        processing: Image preprocessing.
+        tokens: Special token ids.
+        attn_implementation: ``"sdpa"`` (default), ``"eager"`` or ``"flash"``.
+    """
+
+    name: str = "unnamed"
+    family: str = "llava_onevision"
+    description: str = ""
+    hub_id: str | None = None
+    paper: str | None = None
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    projector_act: str = "gelu"
+    use_image_newline: bool = True
+    processing: ImageProcessingConfig = field(default_factory=ImageProcessingConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    attn_implementation: str = "sdpa"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, YAML/JSON-serialisable dict that :meth:`from_dict` reads back."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> ModelConfig:
+        """Strictly parse a dict (unknown keys and wrong types are errors naming ``source``)."""
+        return parse_dataclass(cls, data, source)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ModelConfig:
+        """Read a zoo card."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a model card must be a mapping, got {type(data).__name__}")
+        return cls.from_dict(data, str(path))
+
+    def with_overrides(self, overrides: dict[str, Any], source: str = "overrides") -> ModelConfig:
+        """A copy with nested ``overrides`` merged in, validated like a card."""
+        return self.from_dict(merge_nested(self.to_dict(), overrides, source), source)
+
+
+def merge_nested(base: dict[str, Any], update: dict[str, Any], source: str, prefix: str = "") -> dict[str, Any]:
+    """Recursively merge ``update`` into a copy of ``base``; unknown keys are errors."""
+    out = dict(base)
+    for key, value in update.items():
+        if key not in base:
+            raise ConfigError(f"{source}: unknown key {prefix + key!r} (known: {', '.join(sorted(base))})")
+        if isinstance(base[key], dict) and isinstance(value, dict):
+            out[key] = merge_nested(base[key], value, source, f"{prefix}{key}.")
+        else:
+            out[key] = value
+    return out
+
+
+def parse_dataclass(cls: type, data: Any, source: str, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, checking every key and value type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key {prefix + unknown[0]!r} in {cls.__name__} (known: {', '.join(sorted(names))})"
+        )
+    kwargs = {key: _coerce(hints[key], value, source, prefix + key) for key, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
+    """Check ``value`` against type ``hint`` (ints are accepted where floats are expected)."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return parse_dataclass(hint, value, source, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, source, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{source}: key {key!r} must not be null")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: key {key!r} must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(item, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: key {key!r} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool):
+        raise ConfigError(f"{source}: key {key!r} must be int, got {value!r}")
+    if not isinstance(value, hint):
+        raise ConfigError(f"{source}: key {key!r} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value

@@ -1,0 +1,277 @@
+"""LLaVA-OneVision: SigLIP tower -> 2-layer MLP projector -> Qwen2 decoder.
+
+Reference: Li et al., "LLaVA-OneVision: Easy Visual Task Transfer" (https://arxiv.org/abs/2408.03326).
+Every tile goes through the vision tower; tile features are projected to the decoder width,
+stitched into one grid per image (see :mod:`visorlib.processing.anyres`), and written into the
+token sequence in place of the image placeholder tokens. Inputs use the Hugging Face layout
+(``pixel_values [images, tiles, 3, S, S]``, ``image_sizes [images, 2]``) so code moves freely
+between the two libraries; the logits are the same to ~1e-6 in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbones import build_decoder, build_vision_tower
+from ..cache import KVCache
+from ..config import ModelConfig
+from ..generation import GenerationMixin
+from ..hub import PretrainedMixin
+from ..layers import causal_padding_mask, positions_from_mask
+from ..processing import anyres
+
+
+class InputError(ValueError):
+    """Model inputs are inconsistent (shapes, placeholder counts, missing tensors)."""
+
+
+@dataclass
+class ModelOutput:
+    """What a forward pass returns.
+
+    Attributes:
+        logits: ``[B, L, vocab]`` (only the last ``logits_to_keep`` positions when that was set).
+        loss: Mean next-token cross-entropy over labels != -100, when ``labels`` were given.
+        cache: The filled :class:`~visorlib.cache.KVCache` when one was passed in.
+    """
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    cache: KVCache | None = None
+
+
+class Projector(nn.Module):
+    """``linear_2(act(linear_1(x)))``: vision width -> decoder width."""
+
+    def __init__(self, in_dim: int, out_dim: int, act: str = "gelu"):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim)
+        self.linear_2 = nn.Linear(out_dim, out_dim)
+        if act not in ("gelu", "gelu_tanh"):
+            raise ValueError(f"unsupported projector activation {act!r}")
+        self.approximate = "tanh" if act == "gelu_tanh" else "none"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.gelu(self.linear_1(x), approximate=self.approximate))
+
+
+class LlavaOnevision(GenerationMixin, PretrainedMixin, nn.Module):
+    """The dense LLaVA-OneVision model.
+
+    Args:
+        cfg: A parsed zoo card (or one converted from a Hugging Face ``config.json``).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_tower = build_vision_tower(cfg.vision)
+        self.projector = Projector(cfg.vision.hidden_size, cfg.decoder.hidden_size, cfg.projector_act)
+        self.image_newline = nn.Parameter(torch.empty(cfg.decoder.hidden_size)) if cfg.use_image_newline else None
+        self.decoder = build_decoder(cfg.decoder)
+
+    # ------------------------------------------------------------------ vision
+    def _tiles_per_image(self, image_sizes: torch.Tensor, batch_num_images: torch.Tensor | None) -> list[int]:
+        """Tiles each image was cut into: anyres for single-image samples, base tile only otherwise."""
+        tile, pinpoints = self.cfg.vision.image_size, self.cfg.processing.pinpoints(self.cfg.vision.image_size)
+        if batch_num_images is None:
+            tiled = [True] * len(image_sizes)
+        else:
+            tiled = [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
+            if len(tiled) != len(image_sizes):
+                raise InputError(
+                    f"batch_num_images sums to {len(tiled)} but image_sizes describes {len(image_sizes)} images"
+                )
+        return [anyres.num_tiles(size.tolist(), pinpoints, tile) if t else 1 for size, t in zip(image_sizes, tiled)]
+
+    def encode_images(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor,
+        batch_num_images: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """Visual tokens of every image, in the decoder's width.
+
+        Args:
+            pixel_values: ``[images, max_tiles, 3, S, S]`` (zero-padded past each image's tiles).
+            image_sizes: ``[images, 2]`` original ``(height, width)``.
+            batch_num_images: Images per sample; samples with several images use base tiles only.
+
+        Returns:
+            One ``[tokens_i, D]`` tensor per image.
+        """
+        side = self.cfg.vision.image_size
+        if pixel_values.dim() != 5 or pixel_values.shape[2:] != (3, side, side):
+            raise InputError(
+                f"pixel_values must be [images, tiles, 3, {side}, {side}], got {list(pixel_values.shape)}"
+            )
+        if image_sizes is None or image_sizes.shape != (pixel_values.shape[0], 2):
+            got = None if image_sizes is None else list(image_sizes.shape)
+            raise InputError(f"image_sizes must be [{pixel_values.shape[0]}, 2] (height, width per image), got {got}")
+        tiles = self._tiles_per_image(image_sizes, batch_num_images)
+        for index, n in enumerate(tiles):
+            if n > pixel_values.shape[1]:
+                raise InputError(
+                    f"image {index} of size {image_sizes[index].tolist()} needs {n} tiles but pixel_values holds "
+                    f"{pixel_values.shape[1]}"
+                )
+        flat = torch.cat([pix[:n] for pix, n in zip(pixel_values, tiles)])
+        features = self.projector(self.vision_tower(flat.to(self.dtype)))
+        return [self._pack_image(f, size) for f, size in zip(features.split(tiles), image_sizes.tolist())]
+
+    def _pack_image(self, tiles: torch.Tensor, image_size: list[int]) -> torch.Tensor:
+        """Stitch one image's tile features into an unpadded grid with row newlines."""
+        base, grid_tiles = tiles[0], tiles[1:]
+        if len(grid_tiles) == 0:
+            return base if self.image_newline is None else torch.cat([base, self.image_newline[None].to(base)])
+        side = self.cfg.vision.grid_size
+        pinpoints = self.cfg.processing.pinpoints(self.cfg.vision.image_size)
+        rows, cols = anyres.tile_grid(image_size, pinpoints, self.cfg.vision.image_size)
+        # [rows*cols, side*side, D] -> [D, rows*side, cols*side]: tiles row-major, then patches.
+        grid = grid_tiles.view(rows, cols, side, side, -1).permute(4, 0, 2, 1, 3).reshape(-1, rows * side, cols * side)
+        top, bottom, left, right = anyres.unpadded_crop(image_size, rows * side, cols * side)
+        grid = grid[:, top:bottom, left:right]
+        target = anyres.downscaled_size(grid.shape[1], grid.shape[2], side, self.cfg.processing.max_tiles)
+        if target is not None:
+            grid = F.interpolate(grid[None], list(target), mode="bilinear")[0]
+        if self.image_newline is not None:
+            newline = self.image_newline[:, None, None].to(grid).expand(-1, grid.shape[1], 1)
+            grid = torch.cat([grid, newline], dim=-1)
+        return torch.cat([base, grid.flatten(1).transpose(0, 1)])
+
+    def encode_videos(self, pixel_values_videos: torch.Tensor) -> list[torch.Tensor]:
+        """Visual tokens of every video: frames pooled 2x (27² -> 14² tokens), then one newline.
+
+        Args:
+            pixel_values_videos: ``[videos, frames, 3, S, S]``.
+        """
+        side = self.cfg.vision.image_size
+        if pixel_values_videos.dim() != 5 or pixel_values_videos.shape[2:] != (3, side, side):
+            raise InputError(
+                f"pixel_values_videos must be [videos, frames, 3, {side}, {side}], got {list(pixel_values_videos.shape)}"
+            )
+        videos, frames = pixel_values_videos.shape[:2]
+        features = self.projector(self.vision_tower(pixel_values_videos.flatten(0, 1).to(self.dtype)))
+        grid = self.cfg.vision.grid_size
+        maps = features.view(videos * frames, grid, grid, -1).permute(0, 3, 1, 2)
+        pooled = F.interpolate(maps, [math.ceil(grid / 2)] * 2, mode="bilinear").permute(0, 2, 3, 1)
+        pooled = pooled.reshape(videos, -1, pooled.shape[-1])
+        out = []
+        for video in pooled:
+            if self.image_newline is not None:
+                video = torch.cat([video, self.image_newline[None].to(video)])
+            out.append(video)
+        return out
+
+    # ---------------------------------------------------------------- sequence
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.embed_tokens.weight.dtype
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        batch_num_images: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings with visual features written over the placeholder tokens.
+
+        Returns:
+            ``(embeddings [B, L, D], visual_mask [B, L])``.
+        """
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids must be [batch, length], got {list(input_ids.shape)}")
+        image_mask = input_ids == self.cfg.tokens.image_token_id
+        video_mask = input_ids == self.cfg.tokens.video_token_id
+        # Placeholder ids may lie outside a shrunk vocabulary; they are overwritten anyway.
+        embeds = self.decoder.embed_tokens(input_ids.masked_fill(image_mask | video_mask, 0))
+        for mask, pixels, encode, kind in (
+            (image_mask, pixel_values, lambda: self.encode_images(pixel_values, image_sizes, batch_num_images), "image"),
+            (video_mask, pixel_values_videos, lambda: self.encode_videos(pixel_values_videos), "video"),
+        ):
+            slots = int(mask.sum())
+            if pixels is None:
+                if slots:
+                    raise InputError(f"input_ids contain {slots} {kind} tokens but no {kind} pixels were given")
+                continue
+            features = torch.cat(encode()).to(embeds.dtype)
+            if features.shape[0] != slots:
+                raise InputError(
+                    f"input_ids contain {slots} {kind} tokens but the {kind}s produce {features.shape[0]} features; "
+                    f"expand each <{kind}> placeholder with visorlib.processor_for(model)"
+                )
+            embeds = embeds.masked_scatter(mask[..., None].expand_as(embeds), features)
+        return embeds, image_mask | video_mask
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        batch_num_images: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        logits_to_keep: int = 0,
+        sa_layers: object = None,
+    ) -> ModelOutput:
+        """Logits for a (possibly left-padded) batch.
+
+        Args:
+            input_ids: ``[B, L]`` with image/video placeholders already expanded.
+            attention_mask: ``[B, L_cache + L]``; 0 marks padding. None means no padding.
+            pixel_values: ``[images, tiles, 3, S, S]``.
+            image_sizes: ``[images, 2]`` original ``(height, width)``.
+            pixel_values_videos: ``[videos, frames, 3, S, S]``.
+            batch_num_images: ``[B]`` images per sample (multi-image samples skip tiling).
+            position_ids: ``[B, L]``; default counts real tokens, so left padding does not shift them.
+            labels: ``[B, L]`` targets (-100 = ignore) for a next-token loss.
+            cache: A :class:`KVCache` to fill (prefill) or extend (decode).
+            logits_to_keep: Compute logits for the last N positions only (0 = all).
+            sa_layers: VISOR layer configuration; a dense model accepts only None or ``"all"``.
+        """
+        if sa_layers not in (None, "all"):
+            raise ValueError(
+                f"sa_layers={sa_layers!r}: {self.cfg.name} is a dense model with no VISOR layer plan"
+            )
+        past = cache.length() if cache is not None else 0
+        embeds, _ = self.embed(input_ids, pixel_values, image_sizes, pixel_values_videos, batch_num_images)
+        batch, length = input_ids.shape
+        if attention_mask is not None and attention_mask.shape != (batch, past + length):
+            raise InputError(
+                f"attention_mask must be [{batch}, {past + length}] (cached + new tokens), got {list(attention_mask.shape)}"
+            )
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(past, past + length, device=input_ids.device).expand(batch, -1)
+            else:
+                position_ids = positions_from_mask(attention_mask)[:, past:]
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        mask = None
+        if padded or (past and length > 1):
+            if attention_mask is None:
+                attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=input_ids.device)
+            mask = causal_padding_mask(attention_mask, length, past)
+        hidden = self.decoder(embeds, position_ids, mask, self.cfg.attn_implementation, cache)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.decoder.logits(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+            )
+        return ModelOutput(logits=logits, loss=loss, cache=cache)
+
+    def new_cache(self) -> KVCache:
+        """An empty cache sized for this model."""
+        return KVCache(self.cfg.decoder.num_layers)

@@ -1,0 +1,153 @@
+"""The model zoo: named cards, ``build`` and ``from_pretrained``.
+
+Cards live in ``zoo/*.yaml`` (one per named model, strictly validated). ``build(name)`` makes the
+architecture a card describes; ``pretrained`` adds weights from the Hub or a folder. Building on
+the meta device costs no memory, so a 7B card can be inspected on a laptop.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ConfigError, ModelConfig
+from .convert import config_from_hf, convert_llava_onevision_state
+from .hub import (
+    VISORLIB_CONFIG,
+    CheckpointError,
+    load_state_into,
+    read_json,
+    read_safetensors,
+    resolve_checkpoint,
+    weight_files,
+)
+from .models import init_weights, model_class
+
+
+def zoo_dir() -> Path:
+    """Folder of the zoo cards (``VISORLIB_ZOO`` overrides it)."""
+    if os.environ.get("VISORLIB_ZOO"):
+        return Path(os.environ["VISORLIB_ZOO"])
+    return Path(__file__).resolve().parent / "zoo"
+
+
+@lru_cache(maxsize=None)
+def _cards(folder: str) -> dict[str, Path]:
+    cards = {}
+    for path in sorted(Path(folder).glob("*.yaml")):
+        cards[path.stem] = path
+    return cards
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Names of the zoo cards matching a shell-style ``pattern`` (``"*visor*"``)."""
+    return [name for name in _cards(str(zoo_dir())) if fnmatch.fnmatch(name, pattern)]
+
+
+def get_config(name: str, **overrides: Any) -> ModelConfig:
+    """The parsed card ``name`` with nested ``overrides`` merged (``decoder={"num_layers": 2}``)."""
+    cards = _cards(str(zoo_dir()))
+    if name not in cards:
+        close = [n for n in cards if name.lower() in n or n in name.lower()]
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise KeyError(f"unknown model {name!r}{hint} (known: {', '.join(cards)})")
+    cfg = ModelConfig.from_yaml(cards[name])
+    if cfg.name != name:
+        raise ConfigError(f"{cards[name]}: card name {cfg.name!r} must equal the file name {name!r}")
+    return cfg.with_overrides(overrides, f"overrides for {name}") if overrides else cfg
+
+
+def instantiate(
+    cfg: ModelConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None, init: bool = True
+) -> nn.Module:
+    """Construct the model of ``cfg``: on ``"meta"`` no memory is used and nothing is initialised."""
+    with torch.device("meta"):
+        model = model_class(cfg)(cfg)
+    if dtype is not None:
+        model = model.to(dtype)
+    if str(device) == "meta" or not init:
+        return model
+    model = model.to_empty(device=device or "cpu")
+    return init_weights(model)
+
+
+def build(
+    name: str,
+    pretrained: bool | str | os.PathLike | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    **overrides: Any,
+) -> nn.Module:
+    """Build the model a zoo card describes.
+
+    Args:
+        name: Card name, e.g. ``"llava-ov-0.5b"`` (see :func:`list_models`).
+        pretrained: None/False for random weights; True for the card's ``hub_id``; or a Hub id /
+            local folder to load weights from.
+        device: Where the weights live; ``"meta"`` builds shapes only (free, for inspection).
+        dtype: Parameter dtype (default float32).
+        **overrides: Nested card fields to change, e.g. ``decoder={"num_layers": 2}``.
+
+    Returns:
+        The model, in eval mode.
+    """
+    cfg = get_config(name, **overrides)
+    if not pretrained:
+        return instantiate(cfg, device, dtype).eval()
+    source = cfg.hub_id if pretrained is True else pretrained
+    if source is None:
+        raise ConfigError(f"{name}: pretrained=True but the card names no hub_id")
+    model = instantiate(cfg, "meta", dtype)
+    load_weights(model, resolve_checkpoint(source))
+    return model.to(device or "cpu").eval()
+
+
+def load_weights(model: nn.Module, folder: Path) -> None:
+    """Load a visorlib or Hugging Face checkpoint folder into ``model`` (strict)."""
+    state = read_safetensors(weight_files(folder))
+    if not (folder / VISORLIB_CONFIG).exists():
+        state = convert_llava_onevision_state(state, tied=model.cfg.decoder.tie_word_embeddings)
+    load_state_into(model, state, str(folder))
+
+
+def read_checkpoint_config(folder: Path) -> ModelConfig:
+    """The :class:`ModelConfig` of a visorlib or Hugging Face checkpoint folder."""
+    own = folder / VISORLIB_CONFIG
+    if own.exists():
+        meta = read_json(own)
+        if meta.get("format") != "visorlib" or not isinstance(meta.get("config"), dict):
+            raise CheckpointError(f"{own} is not a visorlib checkpoint config")
+        return ModelConfig.from_dict(meta["config"], str(own))
+    hf = folder / "config.json"
+    if not hf.exists():
+        raise CheckpointError(f"{folder} has neither {VISORLIB_CONFIG} nor config.json")
+    return config_from_hf(read_json(hf), str(hf), name=folder.name)
+
+
+def from_pretrained(
+    path_or_hub_id: str | os.PathLike,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    **overrides: Any,
+) -> nn.Module:
+    """Load a visorlib checkpoint or a Hugging Face LLaVA-OneVision checkpoint.
+
+    Args:
+        path_or_hub_id: A local folder or a Hub repo id (``"llava-hf/llava-onevision-qwen2-0.5b-ov-hf"``).
+        device: Target device.
+        dtype: Parameter dtype (default float32, whatever the file stores).
+        **overrides: Card fields to change that do not alter weight shapes (``attn_implementation="eager"``).
+    """
+    folder = resolve_checkpoint(path_or_hub_id)
+    cfg = read_checkpoint_config(folder)
+    if overrides:
+        cfg = cfg.with_overrides(overrides)
+    model = instantiate(cfg, "meta", dtype)
+    load_weights(model, folder)
+    return model.to(device or "cpu").eval()
