@@ -194,6 +194,24 @@ class ModelConfig:
             raise ConfigError(f"{path}: a model card must be a mapping, got {type(data).__name__}")
         return cls.from_dict(data, str(path))
 
+    def tiny(self) -> ModelConfig:
+        """The same architecture at test size (hidden 64, 2-3 layers, 30-px tiles, 256-token vocab).
+
+        Structure is kept (backbone kinds, tied head, newline, anyres rule) so that a tiny model
+        exercises the same code paths as the real one; used by the registry-wide tests and by
+        recipes' smoke runs.
+        """
+        return self.with_overrides(
+            {
+                "vision": {"image_size": 30, "patch_size": 6, "hidden_size": 32, "intermediate_size": 37,
+                           "num_layers": 2, "num_heads": 4},
+                "decoder": {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 96, "num_layers": 3,
+                            "num_heads": 4, "num_kv_heads": 2, "max_position_embeddings": 4096},
+                "tokens": {"image_token_id": 250, "video_token_id": 251, "eos_token_ids": [255], "pad_token_id": 0},
+            },
+            f"tiny({self.name})",
+        )
+
     def with_overrides(self, overrides: dict[str, Any], source: str = "overrides") -> ModelConfig:
         """A copy with nested ``overrides`` merged in, validated like a card."""
         return self.from_dict(merge_nested(self.to_dict(), overrides, source), source)

@@ -7,6 +7,7 @@ the meta device costs no memory, so a 7B card can be inspected on a laptop.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import os
 from functools import lru_cache
@@ -54,7 +55,7 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
     """The parsed card ``name`` with nested ``overrides`` merged (``decoder={"num_layers": 2}``)."""
     cards = _cards(str(zoo_dir()))
     if name not in cards:
-        close = [n for n in cards if name.lower() in n or n in name.lower()]
+        close = difflib.get_close_matches(name, list(cards), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise KeyError(f"unknown model {name!r}{hint} (known: {', '.join(cards)})")
     cfg = ModelConfig.from_yaml(cards[name])

@@ -45,6 +45,8 @@ class SiglipVisionTower(VisionTransformer):
             norm_layer=partial(nn.LayerNorm, eps=cfg.layer_norm_eps),
         )
         self.cfg = cfg
+        # Unused by LLaVA-OneVision (features are read before it): frozen so optimisers skip it.
+        self.norm.requires_grad_(False)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """Patch features of the last block, before the final norm.
