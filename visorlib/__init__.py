@@ -9,9 +9,10 @@ Quick start::
 """
 
 from .config import ConfigError, ModelConfig
+from .flops import flops
 from .hub import CheckpointError
 from .models import InputError
-from .zoo import build, from_pretrained, get_config, list_models
+from .zoo import build, from_pretrained, get_config, list_models, processor_for
 
 __version__ = "0.1.0"
 
@@ -21,7 +22,9 @@ __all__ = [
     "InputError",
     "ModelConfig",
     "build",
+    "flops",
     "from_pretrained",
     "get_config",
     "list_models",
+    "processor_for",
 ]

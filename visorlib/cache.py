@@ -47,7 +47,7 @@ class KVCache:
     def nbytes(self) -> int:
         """Bytes of keys and values actually cached (not the spare capacity)."""
         total = 0
-        for k, n in zip(self.keys, self.lengths):
+        for k, n in zip(self.keys, self.lengths, strict=False):
             if k is not None:
                 total += 2 * k[:, :, :n].numel() * k.element_size()
         return total

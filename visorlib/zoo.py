@@ -10,7 +10,8 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
-from functools import lru_cache
+import warnings
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ def zoo_dir() -> Path:
     return Path(__file__).resolve().parent / "zoo"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cards(folder: str) -> dict[str, Path]:
     cards = {}
     for path in sorted(Path(folder).glob("*.yaml")):
@@ -105,7 +106,9 @@ def build(
     if source is None:
         raise ConfigError(f"{name}: pretrained=True but the card names no hub_id")
     model = instantiate(cfg, "meta", dtype)
-    load_weights(model, resolve_checkpoint(source))
+    folder = resolve_checkpoint(source)
+    load_weights(model, folder)
+    model.checkpoint_dir = folder
     return model.to(device or "cpu").eval()
 
 
@@ -151,4 +154,37 @@ def from_pretrained(
         cfg = cfg.with_overrides(overrides)
     model = instantiate(cfg, "meta", dtype)
     load_weights(model, folder)
+    model.checkpoint_dir = folder
     return model.to(device or "cpu").eval()
+
+
+def processor_for(model: nn.Module, tokenizer_source: str | os.PathLike | None = None):
+    """The processor (images + text -> model inputs) that matches ``model``.
+
+    The tokenizer comes from ``tokenizer_source`` if given, else from the folder the model was
+    loaded from, else from the card's ``hub_id`` (through the Hub cache). A model with none of
+    these (random weights, no network) gets a processor that handles pixels only.
+
+    Args:
+        model: A visorlib model (anything with ``.cfg``).
+        tokenizer_source: A folder or Hub id holding ``tokenizer.json``.
+    """
+    from .processing import LlavaOnevisionProcessor
+
+    candidates = [tokenizer_source, getattr(model, "checkpoint_dir", None), model.cfg.hub_id]
+    errors = []
+    for source in candidates:
+        if source is None:
+            continue
+        try:
+            return LlavaOnevisionProcessor.from_pretrained(model.cfg, source)
+        except (OSError, ValueError, RuntimeError) as err:
+            if source is tokenizer_source:
+                raise
+            errors.append(f"{source}: {err}")
+    warnings.warn(
+        "no tokenizer found for this model (" + ("; ".join(errors) or "no checkpoint or hub_id") + "); "
+        "the processor will prepare images only",
+        stacklevel=2,
+    )
+    return LlavaOnevisionProcessor(model.cfg, None)

@@ -1,6 +1,6 @@
 """Backbone adapters: vision towers and decoders, looked up by the ``kind`` a card names.
 
-A new backbone registers a builder here (see ``docs/adding-a-backbone.md``); cards and recipes can
+A new backbone registers a builder here; cards and recipes can
 only reach what is registered, never an arbitrary import path.
 """
 

@@ -82,8 +82,8 @@ def siglip_key_map(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
     Keys are relative to the vision transformer (``embeddings.*``, ``encoder.*``, ``post_layernorm.*``).
     q/k/v projections are concatenated into timm's fused ``qkv``; the position table gains a
-    leading batch axis. The pooling head (``head.*``), unused by LLaVA-OneVision, is rejected by
-    the caller as an unexpected key.
+    leading batch axis. The pooling head (``head.*``), unused by LLaVA-OneVision, is dropped by
+    :func:`visorlib.convert.convert_llava_onevision_state` before this map runs.
     """
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}

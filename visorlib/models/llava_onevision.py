@@ -87,7 +87,7 @@ class LlavaOnevision(GenerationMixin, PretrainedMixin, nn.Module):
                 raise InputError(
                     f"batch_num_images sums to {len(tiled)} but image_sizes describes {len(image_sizes)} images"
                 )
-        return [anyres.num_tiles(size.tolist(), pinpoints, tile) if t else 1 for size, t in zip(image_sizes, tiled)]
+        return [anyres.num_tiles(size.tolist(), pinpoints, tile) if t else 1 for size, t in zip(image_sizes, tiled, strict=False)]
 
     def encode_images(
         self,
@@ -120,9 +120,9 @@ class LlavaOnevision(GenerationMixin, PretrainedMixin, nn.Module):
                     f"image {index} of size {image_sizes[index].tolist()} needs {n} tiles but pixel_values holds "
                     f"{pixel_values.shape[1]}"
                 )
-        flat = torch.cat([pix[:n] for pix, n in zip(pixel_values, tiles)])
+        flat = torch.cat([pix[:n] for pix, n in zip(pixel_values, tiles, strict=False)])
         features = self.projector(self.vision_tower(flat.to(self.dtype)))
-        return [self._pack_image(f, size) for f, size in zip(features.split(tiles), image_sizes.tolist())]
+        return [self._pack_image(f, size) for f, size in zip(features.split(tiles), image_sizes.tolist(), strict=False)]
 
     def _pack_image(self, tiles: torch.Tensor, image_size: list[int]) -> torch.Tensor:
         """Stitch one image's tile features into an unpadded grid with row newlines."""

@@ -1,0 +1,248 @@
+"""The ``visorlib`` command: list, info, generate, profile.
+
+``visorlib profile llava-ov-0.5b`` is the offline main job: it builds the real-size architecture
+with random weights (no download), feeds it one image, and reports visual tokens, parameters,
+analytic FLOPs and the measured prefill time on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from . import zoo
+from .flops import flops
+from .processing import anyres
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parameter_breakdown(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters per component (a tied head is counted once, under the embedding)."""
+    decoder = model.decoder
+    parts = {
+        "vision_tower": sum(p.numel() for p in model.vision_tower.parameters()),
+        "projector": sum(p.numel() for p in model.projector.parameters())
+        + (model.image_newline.numel() if model.image_newline is not None else 0),
+        "embed_tokens": decoder.embed_tokens.weight.numel(),
+        "decoder_layers": sum(p.numel() for p in decoder.layers.parameters()) + decoder.norm.weight.numel(),
+        "lm_head": 0 if decoder.lm_head is None else decoder.lm_head.weight.numel(),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def _fmt(n: float, unit: str = "") -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}".rstrip()
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    for name in zoo.list_models(args.pattern):
+        cfg = zoo.get_config(name)
+        print(f"{name:24s} {cfg.description}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    cfg = zoo.get_config(args.name)
+    model = zoo.build(args.name, device="meta")
+    v, d = cfg.vision, cfg.decoder
+    print(f"{cfg.name}: {cfg.description}")
+    print(f"  family          {cfg.family}")
+    print(f"  hub id          {cfg.hub_id or '-'}")
+    print(f"  vision tower    {v.kind}: {v.num_layers} layers, width {v.hidden_size}, {v.image_size}px tiles, "
+          f"{v.tokens_per_tile} tokens/tile")
+    print(f"  decoder         {d.kind}: {d.num_layers} layers, width {d.hidden_size}, heads {d.num_heads}/{d.num_kv_heads} kv, "
+          f"vocab {d.vocab_size}, {'tied' if d.tie_word_embeddings else 'untied'} head")
+    print("  parameters")
+    for part, count in parameter_breakdown(model).items():
+        print(f"    {part:16s} {count:>15,d}  ({_fmt(count)})")
+
+
+def default_profile_image():
+    """The embedded default input: one synthetic 384x384 page (one tile + base -> 1485 tokens)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (384, 384), (245, 240, 230))
+    draw = ImageDraw.Draw(image)
+    for row in range(12):
+        draw.text((16, 16 + 30 * row), f"visorlib profile line {row:02d}: 0123456789", fill=(20, 20, 20))
+    draw.rectangle((250, 250, 360, 360), outline=(200, 30, 30), width=4)
+    return image
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    from PIL import Image
+
+    from .processing import preprocess_images
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = zoo.get_config(args.name)
+    if args.image:
+        image, label = Image.open(args.image).convert("RGB"), args.image
+    else:
+        image, label = default_profile_image(), "embedded 384x384 default image"
+    dtype = DTYPES[args.dtype]
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 - progress goes to stderr
+    log(f"building {cfg.name} at real size with RANDOM weights (no checkpoint; outputs are meaningless, "
+        "timings and counts are real)...")
+    started = time.perf_counter()
+    model = zoo.build(args.name, dtype=dtype)
+    build_s = time.perf_counter() - started
+    vision = preprocess_images([image], cfg)
+    size = vision["image_sizes"][0].tolist()
+    pins = cfg.processing.pinpoints(cfg.vision.image_size)
+    n_visual = anyres.num_image_tokens(size, pins, cfg.vision.image_size, cfg.vision.grid_size, cfg.processing.max_tiles)
+    tiles = anyres.num_tiles(size, pins, cfg.vision.image_size)
+    n_text = args.text_tokens
+    ids = torch.cat([torch.randint(0, 1000, (1, n_text // 2)), torch.full((1, n_visual), cfg.tokens.image_token_id),
+                     torch.randint(0, 1000, (1, n_text - n_text // 2))], 1)
+    report = flops(cfg, n_visual=n_visual, n_text=n_text, tiles=tiles)
+    timings = _timed_prefill(model, ids, vision, args.repeats, log)
+    result = {
+        "model": cfg.name,
+        "weights": "random (real-size architecture, no checkpoint)",
+        "image": label,
+        "image_size_hw": size,
+        "tiles": tiles,
+        "visual_tokens": n_visual,
+        "text_tokens": n_text,
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "parameters": parameter_breakdown(model),
+        "prefill_flops": {**report.components, "total": report.total},
+        "kv_cache_bytes_bf16": report.kv_cache_bytes,
+        "build_seconds": round(build_s, 2),
+        "prefill_seconds": timings,
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    _print_profile(result)
+
+
+def _timed_prefill(model, ids, vision, repeats: int, log) -> dict[str, float]:
+    """Wall-clock seconds of a prefill, split into vision (tower + projector) and language model."""
+    marks: dict[str, float] = {}
+
+    def stamp(name):
+        return lambda *_: marks.__setitem__(name, time.perf_counter())
+
+    hooks = [
+        model.vision_tower.register_forward_pre_hook(stamp("vision_start")),
+        model.projector.register_forward_hook(stamp("vision_end")),
+        model.decoder.register_forward_pre_hook(stamp("decoder_start")),
+        model.decoder.register_forward_hook(stamp("decoder_end")),
+    ]
+    layers = model.decoder.layers
+    for index, layer in enumerate(layers):
+        hooks.append(layer.register_forward_hook(
+            lambda *_, i=index: log(f"  decoder layer {i + 1}/{len(layers)}") if (i + 1) % 6 == 0 else None))
+    best: dict[str, float] = {}
+    try:
+        for run in range(repeats):
+            log(f"prefill run {run + 1}/{repeats}: vision tower...")
+            start = time.perf_counter()
+            with torch.inference_mode():
+                model(ids, pixel_values=vision["pixel_values"], image_sizes=vision["image_sizes"], logits_to_keep=1)
+            total = time.perf_counter() - start
+            current = {
+                "vision": marks["vision_end"] - marks["vision_start"],
+                "language_model": marks["decoder_end"] - marks["decoder_start"],
+                "total": total,
+            }
+            if not best or current["total"] < best["total"]:
+                best = current
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {k: round(v, 3) for k, v in best.items()}
+
+
+def _print_profile(r: dict) -> None:
+    print(f"\n{r['model']} -- {r['weights']}")
+    print(f"input: {r['image']} {r['image_size_hw'][0]}x{r['image_size_hw'][1]} -> {r['tiles']} tiles, "
+          f"{r['visual_tokens']} visual tokens + {r['text_tokens']} text tokens")
+    print("\nparameters")
+    for part, count in r["parameters"].items():
+        print(f"  {part:16s} {count:>15,d}  ({_fmt(count)})")
+    print("\nanalytic prefill FLOPs")
+    total = r["prefill_flops"]["total"]
+    for part, value in r["prefill_flops"].items():
+        print(f"  {part:16s} {_fmt(value, 'FLOP'):>14s}  {100 * value / total:5.1f} %")
+    print(f"KV cache after prefill (bf16): {_fmt(r['kv_cache_bytes_bf16'], 'B')}")
+    t = r["prefill_seconds"]
+    print(f"\nmeasured prefill ({r['dtype']}, {r['threads']} threads, best of runs): vision {t['vision']:.2f} s, "
+          f"language model {t['language_model']:.2f} s, total {t['total']:.2f} s "
+          f"({total / t['total'] / 1e9:.1f} GFLOP/s)")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from PIL import Image
+
+    from . import processor_for
+
+    dtype = DTYPES[args.dtype]
+    if args.model in zoo.list_models():
+        model = zoo.build(args.model, pretrained=True, dtype=dtype, device=args.device)
+    else:
+        model = zoo.from_pretrained(args.model, dtype=dtype, device=args.device)
+    processor = processor_for(model)
+    images = [Image.open(path) for path in args.image]
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
+    inputs = processor.chat([{"role": "user", "content": content}], images=images or None)
+    inputs = {k: v.to(args.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    out = model.generate(**inputs, max_new_tokens=args.max_new_tokens)
+    print(processor.decode(out[0, inputs["input_ids"].shape[1]:]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="visorlib", description="VISOR vision-language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("list", help="list zoo models")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. '*0.5b'")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("info", help="architecture and parameters of a zoo model (no weights needed)")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("generate", help="answer a prompt about images with a checkpoint")
+    p.add_argument("--model", required=True, help="zoo name (its Hub weights), Hub id, or local folder")
+    p.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("profile", help="real-size model, random weights: tokens, parameters, FLOPs, prefill time")
+    p.add_argument("name")
+    p.add_argument("--image", help="image file (default: an embedded 384x384 page)")
+    p.add_argument("--text-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_profile)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``visorlib`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (KeyError, ValueError, RuntimeError, OSError) as err:
+        print(f"visorlib: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Text + images/videos -> the tensors a LLaVA-OneVision model takes.
+
+Mirrors transformers' ``LlavaOnevisionProcessor`` (same keys, same layouts, same ``input_ids``)
+so code can move between the two. Each ``<image>`` in the text is expanded to exactly as many
+copies of itself as the model will produce visual features for that image, and each ``<video>``
+likewise; those counts come from :mod:`.anyres`, which the model uses too.
+
+Which images are tiled follows HF: the image of a single-image sample gets anyres tiling; the
+images of a multi-image sample get one base tile each (``batch_num_images`` tells the model).
+
+One deliberate difference: given a *flat* list of images, HF treats every image as its own
+single-image sample (it sets ``batch_num_images = [1] * len(images)``) and so tiles all of them,
+even when one prompt holds several ``<image>`` placeholders. We assign flat images to samples
+by their placeholder counts instead, so a two-image prompt is processed as a multi-image sample
+whether its images come nested or flat. For prompts with at most one image each, and for
+nested lists, the outputs are identical to HF's.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..config import ModelConfig
+from . import anyres
+from .chat import IMAGE_TOKEN, VIDEO_TOKEN, apply_chat_template, media_in_messages
+from .image import preprocess_images, preprocess_video
+from .tokenizer import Tokenizer
+
+_PLACEHOLDER = re.compile(f"({re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})")
+
+
+def _is_image(obj: Any) -> bool:
+    """A single image (not a list of them): PIL, or a 2-D/3-D array or tensor."""
+    return isinstance(obj, Image.Image) or (isinstance(obj, (np.ndarray, torch.Tensor)) and obj.ndim in (2, 3))
+
+
+def _group_images(images: Any, counts: list[int]) -> list[list[Any]]:
+    """Images per sample, checked against each sample's ``<image>`` placeholder count."""
+    if images is None:
+        images = []
+    elif not isinstance(images, (list, tuple)):
+        images = [images]
+    nested = [isinstance(item, (list, tuple)) for item in images]
+    if images and all(nested):
+        if len(images) != len(counts):
+            raise ValueError(
+                f"images is a nested list of {len(images)} entries but there are {len(counts)} text samples; "
+                "pass one list of images per sample (an empty list for a text-only sample)"
+            )
+        groups = [list(group) for group in images]
+    elif any(nested):
+        raise ValueError("images mixes single images and lists; pass a flat list or one list per sample")
+    else:
+        if len(images) != sum(counts):
+            raise ValueError(
+                f"the text holds {sum(counts)} {IMAGE_TOKEN} placeholders (per sample: {counts}) but "
+                f"{len(images)} images were passed"
+            )
+        groups, start = [], 0
+        for count in counts:
+            groups.append(list(images[start : start + count]))
+            start += count
+    for index, (group, count) in enumerate(zip(groups, counts, strict=True)):
+        if len(group) != count:
+            raise ValueError(
+                f"sample {index} has {count} {IMAGE_TOKEN} placeholders but {len(group)} images were given for it"
+            )
+    return groups
+
+
+def _list_videos(videos: Any) -> list[Any]:
+    """Videos as a list: a 4-D array/tensor or a list of frames is one video."""
+    if videos is None:
+        return []
+    if isinstance(videos, (np.ndarray, torch.Tensor)):
+        return list(videos) if videos.ndim == 5 else [videos]
+    if not isinstance(videos, (list, tuple)):
+        raise ValueError(f"videos must be a video (list of frames / 4-D array) or a list of videos, got {type(videos).__name__}")
+    if videos and all(_is_image(frame) for frame in videos):
+        return [videos]
+    return list(videos)
+
+
+class LlavaOnevisionProcessor:
+    """Prepares prompts and images/videos for a LLaVA-OneVision model.
+
+    Args:
+        cfg: The model's configuration (tile size, pinpoints, token ids, mean/std).
+        tokenizer: The model's tokenizer; may be None to preprocess pixels only.
+
+    Raises:
+        ValueError: The tokenizer's ``<image>`` / ``<video>`` ids differ from ``cfg.tokens``.
+    """
+
+    image_token = IMAGE_TOKEN
+    video_token = VIDEO_TOKEN
+
+    def __init__(self, cfg: ModelConfig, tokenizer: Tokenizer | None = None):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        if tokenizer is not None:
+            expected = {IMAGE_TOKEN: cfg.tokens.image_token_id, VIDEO_TOKEN: cfg.tokens.video_token_id}
+            for token, token_id in expected.items():
+                found = tokenizer.token_to_id(token)
+                if found != token_id:
+                    raise ValueError(
+                        f"the tokenizer maps {token} to {found} but the model config expects {token_id} "
+                        "(cfg.tokens); they must agree for visual features to land in the right places"
+                    )
+
+    @classmethod
+    def from_pretrained(cls, cfg: ModelConfig, path_or_hub_id: str | os.PathLike, **kwargs: Any) -> LlavaOnevisionProcessor:
+        """Build with the tokenizer of a local directory or Hub repository.
+
+        Args:
+            cfg: The model's configuration.
+            path_or_hub_id: Where ``tokenizer.json`` lives (see :meth:`Tokenizer.from_pretrained`).
+            **kwargs: Passed on to :meth:`Tokenizer.from_pretrained` (``revision``, ``eos_token``...).
+        """
+        return cls(cfg, Tokenizer.from_pretrained(path_or_hub_id, **kwargs))
+
+    # -- token counts (all arithmetic lives in anyres) -------------------------------------------
+
+    def num_image_tokens(self, image_size: Sequence[int], tiled: bool = True) -> int:
+        """Placeholder tokens for an image of ``(height, width)``; ``tiled=False`` in multi-image samples."""
+        side = self.cfg.vision.image_size
+        return anyres.num_image_tokens(
+            image_size,
+            self.cfg.processing.pinpoints(side),
+            side,
+            self.cfg.vision.grid_size,
+            self.cfg.processing.max_tiles,
+            newline=self.cfg.use_image_newline,
+            tiled=tiled,
+        )
+
+    def num_video_tokens(self, num_frames: int) -> int:
+        """Placeholder tokens for a video of ``num_frames`` frames."""
+        return anyres.num_video_tokens(num_frames, self.cfg.vision.grid_size, newline=self.cfg.use_image_newline)
+
+    # -- main entry point -------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        text: str | Sequence[str] | None = None,
+        images: Any = None,
+        videos: Any = None,
+        padding_side: str = "left",
+        return_tensors: str | None = "pt",
+    ) -> dict[str, Any]:
+        """Tokenize prompts and preprocess their images and videos.
+
+        Args:
+            text: One prompt or a batch; ``<image>`` / ``<video>`` mark where each goes.
+            images: One image, a flat list (assigned to samples in placeholder order), or one list
+                per sample. PIL images, ``numpy.ndarray`` or ``torch.Tensor``.
+            videos: One video (list of frames, or ``[F, H, W, C]`` / ``[F, C, H, W]``) or a list of
+                videos, in placeholder order. All videos must have the same number of frames.
+            padding_side: ``"left"`` (for generation) or ``"right"``.
+            return_tensors: ``"pt"`` for tensors, None for Python lists of ids.
+
+        Returns:
+            ``input_ids`` and ``attention_mask`` (when ``text`` is given), ``pixel_values``
+            ``[images, tiles, 3, S, S]``, ``image_sizes`` ``[images, 2]`` and ``batch_num_images``
+            (images per sample that has any; when images are given), ``pixel_values_videos``
+            ``[videos, F, 3, S, S]`` (when videos are given).
+
+        Raises:
+            ValueError: Placeholder counts that do not match the images/videos, bad inputs, or
+                text without a tokenizer.
+        """
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
+        texts = [text] if isinstance(text, str) else None if text is None else list(text)
+        if texts is not None and (not texts or not all(isinstance(t, str) for t in texts)):
+            raise ValueError("text must be a string or a non-empty list of strings")
+        if texts is None and images is None and videos is None:
+            raise ValueError("nothing to process: pass text, images or videos")
+
+        out: dict[str, Any] = {}
+        if texts is None:
+            # Pixels only: a flat list makes every image its own single-image sample, as in HF.
+            flat = images if isinstance(images, (list, tuple)) else [] if images is None else [images]
+            nested = bool(flat) and all(isinstance(item, (list, tuple)) for item in flat)
+            groups = [list(g) for g in flat] if nested else [[image] for image in flat]
+        else:
+            groups = _group_images(images, [t.count(IMAGE_TOKEN) for t in texts])
+        flat_images = [image for group in groups for image in group]
+        tiled = [len(group) == 1 for group in groups for _ in group]
+        if flat_images:
+            out.update(preprocess_images(flat_images, self.cfg, tiled=tiled))
+            out["batch_num_images"] = torch.tensor([len(g) for g in groups if g], dtype=torch.long)
+
+        video_list = _list_videos(videos)
+        if texts is not None:
+            placed = sum(t.count(VIDEO_TOKEN) for t in texts)
+            if placed != len(video_list):
+                raise ValueError(f"the text holds {placed} {VIDEO_TOKEN} placeholders but {len(video_list)} videos were passed")
+        if video_list:
+            clips = [preprocess_video(video, self.cfg) for video in video_list]
+            frame_counts = [clip.shape[1] for clip in clips]
+            if len(set(frame_counts)) > 1:
+                raise ValueError(f"videos in one batch must have the same number of frames, got {frame_counts}")
+            out["pixel_values_videos"] = torch.cat(clips)
+
+        if texts is not None:
+            image_counts = [self.num_image_tokens(size, t) for size, t in zip(out.get("image_sizes", []), tiled, strict=True)]
+            video_counts = [self.num_video_tokens(n) for n in (frame_counts if video_list else [])]
+            ids = self._tokenize(texts, image_counts, video_counts)
+            out = {**self._pad(ids, padding_side, return_tensors), **out}
+        return out
+
+    def _tokenize(self, texts: list[str], image_counts: list[int], video_counts: list[int]) -> list[list[int]]:
+        """Expand placeholders in text (as HF does, before tokenizing) and encode."""
+        if self.tokenizer is None:
+            raise ValueError("this processor has no tokenizer; build it with one to process text")
+        counts = {IMAGE_TOKEN: iter(image_counts), VIDEO_TOKEN: iter(video_counts)}
+        expanded = [_PLACEHOLDER.sub(lambda m: m.group(0) * next(counts[m.group(0)]), t) for t in texts]
+        ids = self.tokenizer.encode_batch(expanded)
+        # The expansion only works if the tokenizer keeps each placeholder as one special token.
+        wanted = {self.cfg.tokens.image_token_id: sum(image_counts), self.cfg.tokens.video_token_id: sum(video_counts)}
+        for token_id, total in wanted.items():
+            found = sum(row.count(token_id) for row in ids)
+            if found != total:
+                raise ValueError(f"expected {total} tokens of id {token_id} after tokenizing, found {found}")
+        return ids
+
+    def _pad(self, ids: list[list[int]], padding_side: str, return_tensors: str | None) -> dict[str, Any]:
+        pad_id = self.tokenizer.pad_token_id
+        pad_id = self.cfg.tokens.pad_token_id if pad_id is None else pad_id
+        longest = max(len(row) for row in ids)
+        input_ids, mask = [], []
+        for row in ids:
+            fill = longest - len(row)
+            if padding_side == "left":
+                input_ids.append([pad_id] * fill + row)
+                mask.append([0] * fill + [1] * len(row))
+            else:
+                input_ids.append(row + [pad_id] * fill)
+                mask.append([1] * len(row) + [0] * fill)
+        if return_tensors == "pt":
+            return {"input_ids": torch.tensor(input_ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long)}
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    # -- conveniences -----------------------------------------------------------------------------
+
+    @staticmethod
+    def apply_chat_template(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+        """The llava-onevision-hf prompt for ``messages`` (see :func:`.chat.apply_chat_template`)."""
+        return apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        images: Any = None,
+        videos: Any = None,
+        add_generation_prompt: bool = True,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Render one conversation with the chat template, then process it like :meth:`__call__`.
+
+        Args:
+            messages: The conversation (see :func:`.chat.apply_chat_template`).
+            images: Images in placeholder order; when None, objects embedded in the image parts
+                (``{"type": "image", "image": pil_image}``) are used.
+            videos: Videos in placeholder order; when None, embedded ``"video"`` objects are used.
+            add_generation_prompt: End the prompt with the assistant turn header.
+            **kwargs: ``padding_side`` / ``return_tensors`` for :meth:`__call__`.
+        """
+        prompt = apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        embedded_images, embedded_videos = media_in_messages(messages)
+        if images is None and embedded_images and all(x is not None for x in embedded_images):
+            images = embedded_images
+        if videos is None and embedded_videos and all(x is not None for x in embedded_videos):
+            videos = embedded_videos
+        if isinstance(images, (list, tuple)) and len(images) == 0:
+            images = None
+        return self(text=prompt, images=images, videos=videos, **kwargs)
+
+    def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
+        """Text of one sequence of ids (see :meth:`Tokenizer.decode`)."""
+        if self.tokenizer is None:
+            raise ValueError("this processor has no tokenizer to decode with")
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, sequences: Any, skip_special_tokens: bool = True) -> list[str]:
+        """Texts of a batch of id sequences (list of lists or 2-D tensor)."""
+        if self.tokenizer is None:
+            raise ValueError("this processor has no tokenizer to decode with")
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens)
