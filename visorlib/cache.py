@@ -1,6 +1,9 @@
 """Key/value cache for incremental decoding.
 
-Each decoder layer owns one slot. Keys and values are stored in preallocated buffers that grow
+Each decoder layer owns one slot. Under a VISOR plan layers cache different token sets (text
+only, or visual + text for an executed self-attention layer), so every slot keeps its own
+key-validity mask; cross-attention layers also keep the visual keys/values they projected once at
+prefill, reused by every decode step. Keys and values are stored in preallocated buffers that grow
 geometrically, so a decode step writes one column instead of re-concatenating the whole history
 (which would make generation quadratic in memory traffic).
 """
@@ -21,6 +24,10 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.lengths = [0] * num_layers
+        self.key_masks: list[torch.Tensor | None] = [None] * num_layers
+        self.cross: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.seen = 0  # tokens of the original sequence processed so far
+        self.cross_projections = 0  # how many times cross-attention K/V were computed (for tests)
 
     def length(self, layer: int = 0) -> int:
         """Tokens cached so far in ``layer``."""
@@ -44,10 +51,24 @@ class KVCache:
         end = start + new
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def extend_mask(self, layer: int, valid: torch.Tensor) -> torch.Tensor:
+        """Append the validity ``[B, n]`` of the keys just written to ``layer``; return all of it."""
+        old = self.key_masks[layer]
+        self.key_masks[layer] = valid.bool() if old is None else torch.cat([old, valid.bool()], dim=1)
+        return self.key_masks[layer]
+
     def nbytes(self) -> int:
-        """Bytes of keys and values actually cached (not the spare capacity)."""
-        total = 0
-        for k, n in zip(self.keys, self.lengths, strict=False):
-            if k is not None:
-                total += 2 * k[:, :, :n].numel() * k.element_size()
-        return total
+        """Bytes of keys and values held (valid or not, spare capacity excluded)."""
+        total = sum(2 * k[:, :, :n].numel() * k.element_size() for k, n in zip(self.keys, self.lengths) if k is not None)
+        return total + sum((k.numel() + v.numel()) * k.element_size() for k, v, _ in self.cross.values())
+
+    def nbytes_per_sample(self) -> list[int]:
+        """Bytes of *valid* keys and values per sample (padding and skipped visual tokens excluded)."""
+        slots = [(k, mask) for k, mask in zip(self.keys, self.key_masks) if k is not None and mask is not None]
+        slots += [(k, valid) for k, _, valid in self.cross.values()]
+        if not slots:
+            return []
+        totals = torch.zeros(slots[0][0].shape[0], dtype=torch.long)
+        for k, mask in slots:
+            totals += mask.sum(1).cpu() * (2 * k.shape[1] * k.shape[3] * k.element_size())
+        return totals.tolist()

@@ -87,16 +87,18 @@ def cmd_profile(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = zoo.get_config(args.name)
+    if args.tiny:
+        cfg = cfg.tiny()
     if args.image:
         image, label = Image.open(args.image).convert("RGB"), args.image
     else:
         image, label = default_profile_image(), "embedded 384x384 default image"
     dtype = DTYPES[args.dtype]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 - progress goes to stderr
-    log(f"building {cfg.name} at real size with RANDOM weights (no checkpoint; outputs are meaningless, "
+    log(f"building {cfg.name} at {'TINY' if args.tiny else 'real'} size with RANDOM weights (no checkpoint; outputs are meaningless, "
         "timings and counts are real)...")
     started = time.perf_counter()
-    model = zoo.build(args.name, dtype=dtype)
+    model = zoo.instantiate(cfg, dtype=dtype).eval()
     build_s = time.perf_counter() - started
     vision = preprocess_images([image], cfg)
     size = vision["image_sizes"][0].tolist()
@@ -104,13 +106,15 @@ def cmd_profile(args: argparse.Namespace) -> None:
     n_visual = anyres.num_image_tokens(size, pins, cfg.vision.image_size, cfg.vision.grid_size, cfg.processing.max_tiles)
     tiles = anyres.num_tiles(size, pins, cfg.vision.image_size)
     n_text = args.text_tokens
-    ids = torch.cat([torch.randint(0, 1000, (1, n_text // 2)), torch.full((1, n_visual), cfg.tokens.image_token_id),
-                     torch.randint(0, 1000, (1, n_text - n_text // 2))], 1)
+    # Ordinary text ids only: stay below every special id (placeholders, routing token).
+    vocab = min(1000, cfg.decoder.vocab_size, cfg.tokens.image_token_id, cfg.tokens.video_token_id)
+    ids = torch.cat([torch.randint(0, vocab, (1, n_text // 2)), torch.full((1, n_visual), cfg.tokens.image_token_id),
+                     torch.randint(0, vocab, (1, n_text - n_text // 2))], 1)
     report = flops(cfg, n_visual=n_visual, n_text=n_text, tiles=tiles)
     timings = _timed_prefill(model, ids, vision, args.repeats, log)
     result = {
         "model": cfg.name,
-        "weights": "random (real-size architecture, no checkpoint)",
+        "weights": f"random ({'tiny test-size' if args.tiny else 'real-size'} architecture, no checkpoint)",
         "image": label,
         "image_size_hw": size,
         "tiles": tiles,
@@ -139,8 +143,8 @@ def _timed_prefill(model, ids, vision, repeats: int, log) -> dict[str, float]:
     hooks = [
         model.vision_tower.register_forward_pre_hook(stamp("vision_start")),
         model.projector.register_forward_hook(stamp("vision_end")),
-        model.decoder.register_forward_pre_hook(stamp("decoder_start")),
-        model.decoder.register_forward_hook(stamp("decoder_end")),
+        model.decoder.layers[0].register_forward_pre_hook(stamp("decoder_start")),
+        model.decoder.layers[-1].register_forward_hook(stamp("decoder_end")),
     ]
     layers = model.decoder.layers
     for index, layer in enumerate(layers):
@@ -229,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--tiny", action="store_true", help="use the card's tiny test-size variant (smoke test)")
     p.set_defaults(func=cmd_profile)
     return parser
 

@@ -142,6 +142,38 @@ class TokensConfig:
 
 
 @dataclass
+class VisorConfig:
+    """The ``visor:`` section of a zoo card.
+
+    Attributes:
+        ca_layers: Layers that run cross-attention before their text-only pass.
+        sa_layers: Self-attention candidates.
+        configurations: Viable configurations (each a subset of ``sa_layers``); the router chooses
+            among these. Empty means ``[sa_layers]``.
+        default: Configuration used when ``forward`` gets ``sa_layers=None``; None = all candidates.
+        cross_attention_init: ``"copy"`` (q/k/v/o copied from the same layer's self-attention)
+            or ``"zero_gate"`` (random projections behind a tanh gate that starts at 0).
+        conv_kernel: Kernel of the depth-wise 1-D positional convolution on visual tokens.
+        router: Whether the model has a configuration router.
+        router_hidden: Hidden width of the router MLP.
+        routing_token_id: Token id that marks where the router reads (after each question).
+        packing_ratio: VISOR-TR token packing: visual tokens are reduced about this many times
+            before the language model (1.0 = off).
+    """
+
+    ca_layers: list[int] = field(default_factory=list)
+    sa_layers: list[int] = field(default_factory=list)
+    configurations: list[list[int]] = field(default_factory=list)
+    default: list[int] | None = None
+    cross_attention_init: str = "copy"
+    conv_kernel: int = 7
+    router: bool = False
+    router_hidden: int = 256
+    routing_token_id: int = 151648
+    packing_ratio: float = 1.0
+
+
+@dataclass
 class ModelConfig:
     """Everything needed to build one model: a parsed zoo card.
 
@@ -158,6 +190,7 @@ class ModelConfig:
         processing: Image preprocessing.
         tokens: Special token ids.
         attn_implementation: ``"sdpa"`` (default), ``"eager"`` or ``"flash"``.
+        visor: The VISOR layer plan; None for a dense model.
     """
 
     name: str = "unnamed"
@@ -172,6 +205,13 @@ class ModelConfig:
     processing: ImageProcessingConfig = field(default_factory=ImageProcessingConfig)
     tokens: TokensConfig = field(default_factory=TokensConfig)
     attn_implementation: str = "sdpa"
+    visor: VisorConfig | None = None
+
+    @property
+    def feature_grid_size(self) -> int:
+        """Visual tokens per side of one tile as the language model sees them (after packing)."""
+        ratio = self.visor.packing_ratio if self.visor is not None else 1.0
+        return packed_grid_size(self.vision.grid_size, ratio)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, YAML/JSON-serialisable dict that :meth:`from_dict` reads back."""
@@ -215,6 +255,19 @@ class ModelConfig:
     def with_overrides(self, overrides: dict[str, Any], source: str = "overrides") -> ModelConfig:
         """A copy with nested ``overrides`` merged in, validated like a card."""
         return self.from_dict(merge_nested(self.to_dict(), overrides, source), source)
+
+
+def packed_grid_size(grid: int, ratio: float) -> int:
+    """Side of a tile's token grid after VISOR-TR packing by ``ratio`` (1.0: unchanged).
+
+    The grid is resized to ``2 * side`` and folded 2x2 into channels, so ``side**2`` is the
+    nearest whole grid to ``grid**2 / ratio``.
+    """
+    if ratio < 1:
+        raise ConfigError(f"packing ratio must be >= 1 (a reduction), got {ratio}")
+    if ratio == 1:
+        return grid
+    return max(1, round(grid / ratio**0.5))
 
 
 def merge_nested(base: dict[str, Any], update: dict[str, Any], source: str, prefix: str = "") -> dict[str, Any]:

@@ -76,7 +76,9 @@ def instantiate(
     if str(device) == "meta" or not init:
         return model
     model = model.to_empty(device=device or "cpu")
-    return init_weights(model)
+    init_weights(model)
+    model.init_visor_blocks()  # VISOR blocks start from the dense weights they sit beside
+    return model
 
 
 def build(

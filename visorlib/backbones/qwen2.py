@@ -93,6 +93,9 @@ class Qwen2DecoderLayer(nn.Module):
 class Qwen2Decoder(nn.Module):
     """Token embedding, a stack of :class:`Qwen2DecoderLayer`, final norm and LM head.
 
+    The layers are run by :class:`~visorlib.models.executor.PlanExecutor`, which decides per layer
+    which tokens each one sees (all of them for a dense model).
+
     Args:
         cfg: Decoder hyper-parameters.
     """
@@ -113,25 +116,3 @@ class Qwen2Decoder(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head."""
         return F.linear(self.norm(hidden), self.head_weight())
-
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        position_ids: torch.Tensor,
-        mask: torch.Tensor | None,
-        implementation: str = "sdpa",
-        cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        """Run every layer on embeddings ``hidden [B, L, D]``; returns the last hidden states.
-
-        Args:
-            hidden: Input embeddings.
-            position_ids: ``[B, L]`` rotary positions.
-            mask: Boolean ``[B, 1, L, L_total]`` attention mask, or None for plain causal.
-            implementation: Attention backend.
-            cache: Filled in place when given.
-        """
-        rope = self.rotary(position_ids, hidden.dtype)
-        for index, layer in enumerate(self.layers):
-            hidden = layer(hidden, rope, mask, implementation, cache, index)
-        return hidden

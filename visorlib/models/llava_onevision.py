@@ -22,8 +22,10 @@ from ..cache import KVCache
 from ..config import ModelConfig
 from ..generation import GenerationMixin
 from ..hub import PretrainedMixin
-from ..layers import causal_padding_mask, positions_from_mask
+from ..layers import positions_from_mask
 from ..processing import anyres
+from .executor import compact, gather_tokens, scatter_tokens
+from .visor import VisorMixin
 
 
 class InputError(ValueError):
@@ -36,13 +38,18 @@ class ModelOutput:
 
     Attributes:
         logits: ``[B, L, vocab]`` (only the last ``logits_to_keep`` positions when that was set).
+            Under a VISOR plan the visual positions carry no prediction and are zero.
         loss: Mean next-token cross-entropy over labels != -100, when ``labels`` were given.
         cache: The filled :class:`~visorlib.cache.KVCache` when one was passed in.
+        sa_layers: The configuration each sample ran (after routing).
+        router_logits: ``[routing tokens, configurations]`` when the router decided.
     """
 
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     cache: KVCache | None = None
+    sa_layers: list[list[int]] | None = None
+    router_logits: torch.Tensor | None = None
 
 
 class Projector(nn.Module):
@@ -60,7 +67,7 @@ class Projector(nn.Module):
         return self.linear_2(F.gelu(self.linear_1(x), approximate=self.approximate))
 
 
-class LlavaOnevision(GenerationMixin, PretrainedMixin, nn.Module):
+class LlavaOnevision(VisorMixin, GenerationMixin, PretrainedMixin, nn.Module):
     """The dense LLaVA-OneVision model.
 
     Args:
@@ -74,6 +81,7 @@ class LlavaOnevision(GenerationMixin, PretrainedMixin, nn.Module):
         self.projector = Projector(cfg.vision.hidden_size, cfg.decoder.hidden_size, cfg.projector_act)
         self.image_newline = nn.Parameter(torch.empty(cfg.decoder.hidden_size)) if cfg.use_image_newline else None
         self.decoder = build_decoder(cfg.decoder)
+        self._init_visor()
 
     # ------------------------------------------------------------------ vision
     def _tiles_per_image(self, image_sizes: torch.Tensor, batch_num_images: torch.Tensor | None) -> list[int]:
@@ -121,15 +129,22 @@ class LlavaOnevision(GenerationMixin, PretrainedMixin, nn.Module):
                     f"{pixel_values.shape[1]}"
                 )
         flat = torch.cat([pix[:n] for pix, n in zip(pixel_values, tiles, strict=False)])
-        features = self.projector(self.vision_tower(flat.to(self.dtype)))
+        features = self._tile_features(flat)
         return [self._pack_image(f, size) for f, size in zip(features.split(tiles), image_sizes.tolist(), strict=False)]
+
+    def _tile_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Tower -> (VISOR-TR packing) -> projector, per tile: ``[N, side**2, D]``."""
+        features = self.vision_tower(pixels.to(self.dtype))
+        if self.packer is not None:
+            features = self.packer(features)
+        return self.projector(features)
 
     def _pack_image(self, tiles: torch.Tensor, image_size: list[int]) -> torch.Tensor:
         """Stitch one image's tile features into an unpadded grid with row newlines."""
         base, grid_tiles = tiles[0], tiles[1:]
         if len(grid_tiles) == 0:
             return base if self.image_newline is None else torch.cat([base, self.image_newline[None].to(base)])
-        side = self.cfg.vision.grid_size
+        side = self.cfg.feature_grid_size
         pinpoints = self.cfg.processing.pinpoints(self.cfg.vision.image_size)
         rows, cols = anyres.tile_grid(image_size, pinpoints, self.cfg.vision.image_size)
         # [rows*cols, side*side, D] -> [D, rows*side, cols*side]: tiles row-major, then patches.
@@ -156,8 +171,8 @@ class LlavaOnevision(GenerationMixin, PretrainedMixin, nn.Module):
                 f"pixel_values_videos must be [videos, frames, 3, {side}, {side}], got {list(pixel_values_videos.shape)}"
             )
         videos, frames = pixel_values_videos.shape[:2]
-        features = self.projector(self.vision_tower(pixel_values_videos.flatten(0, 1).to(self.dtype)))
-        grid = self.cfg.vision.grid_size
+        features = self._tile_features(pixel_values_videos.flatten(0, 1))
+        grid = self.cfg.feature_grid_size
         maps = features.view(videos * frames, grid, grid, -1).permute(0, 3, 1, 2)
         pooled = F.interpolate(maps, [math.ceil(grid / 2)] * 2, mode="bilinear").permute(0, 2, 3, 1)
         pooled = pooled.reshape(videos, -1, pooled.shape[-1])
@@ -180,18 +195,24 @@ class LlavaOnevision(GenerationMixin, PretrainedMixin, nn.Module):
         image_sizes: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         batch_num_images: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token embeddings with visual features written over the placeholder tokens.
 
         Returns:
-            ``(embeddings [B, L, D], visual_mask [B, L])``.
+            ``(embeddings [B, L, D], visual_mask [B, L], segments [B, L])``; ``segments`` numbers
+            the batch's images, then its videos, on their tokens (-1 elsewhere).
         """
         if input_ids.dim() != 2:
             raise InputError(f"input_ids must be [batch, length], got {list(input_ids.shape)}")
         image_mask = input_ids == self.cfg.tokens.image_token_id
         video_mask = input_ids == self.cfg.tokens.video_token_id
+        routing_mask = self.routing_mask(input_ids)
         # Placeholder ids may lie outside a shrunk vocabulary; they are overwritten anyway.
-        embeds = self.decoder.embed_tokens(input_ids.masked_fill(image_mask | video_mask, 0))
+        embeds = self.decoder.embed_tokens(input_ids.masked_fill(image_mask | video_mask | routing_mask, 0))
+        if self.router is not None:
+            embeds = torch.where(routing_mask[..., None], self.router.token.to(embeds.dtype), embeds)
+        segments = torch.full_like(input_ids, -1)
+        first_segment = 0
         for mask, pixels, encode, kind in (
             (image_mask, pixel_values, lambda: self.encode_images(pixel_values, image_sizes, batch_num_images), "image"),
             (video_mask, pixel_values_videos, lambda: self.encode_videos(pixel_values_videos), "video"),
@@ -201,14 +222,25 @@ class LlavaOnevision(GenerationMixin, PretrainedMixin, nn.Module):
                 if slots:
                     raise InputError(f"input_ids contain {slots} {kind} tokens but no {kind} pixels were given")
                 continue
-            features = torch.cat(encode()).to(embeds.dtype)
+            parts = encode()
+            features = torch.cat(parts).to(embeds.dtype)
             if features.shape[0] != slots:
                 raise InputError(
                     f"input_ids contain {slots} {kind} tokens but the {kind}s produce {features.shape[0]} features; "
                     f"expand each <{kind}> placeholder with visorlib.processor_for(model)"
                 )
             embeds = embeds.masked_scatter(mask[..., None].expand_as(embeds), features)
-        return embeds, image_mask | video_mask
+            lengths = torch.tensor([len(p) for p in parts], device=input_ids.device)
+            ordinals = torch.arange(len(parts), device=input_ids.device) + first_segment
+            segments = segments.masked_scatter(mask, torch.repeat_interleave(ordinals, lengths))
+            first_segment += len(parts)
+        return embeds, image_mask | video_mask, segments
+
+    def routing_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """True where the router's routing token sits (never, without a router)."""
+        if self.router is None:
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        return input_ids == self.cfg.visor.routing_token_id
 
     def forward(
         self,
@@ -237,40 +269,43 @@ class LlavaOnevision(GenerationMixin, PretrainedMixin, nn.Module):
             labels: ``[B, L]`` targets (-100 = ignore) for a next-token loss.
             cache: A :class:`KVCache` to fill (prefill) or extend (decode).
             logits_to_keep: Compute logits for the last N positions only (0 = all).
-            sa_layers: VISOR layer configuration; a dense model accepts only None or ``"all"``.
+            sa_layers: VISOR configuration: None (the card's default), ``"all"``, ``"router"``, a list
+                of SA layers, or one list per sample. A dense model accepts only None or ``"all"``.
+                Ignored after the prefill: decode steps keep the prefill's configuration.
         """
-        if sa_layers not in (None, "all"):
-            raise ValueError(
-                f"sa_layers={sa_layers!r}: {self.cfg.name} is a dense model with no VISOR layer plan"
-            )
-        past = cache.length() if cache is not None else 0
-        embeds, _ = self.embed(input_ids, pixel_values, image_sizes, pixel_values_videos, batch_num_images)
+        past = cache.seen if cache is not None else 0
+        embeds, visual_mask, segments = self.embed(input_ids, pixel_values, image_sizes, pixel_values_videos,
+                                                   batch_num_images)
         batch, length = input_ids.shape
-        if attention_mask is not None and attention_mask.shape != (batch, past + length):
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=input_ids.device)
+        if attention_mask.shape != (batch, past + length):
             raise InputError(
                 f"attention_mask must be [{batch}, {past + length}] (cached + new tokens), got {list(attention_mask.shape)}"
             )
         if position_ids is None:
-            if attention_mask is None:
-                position_ids = torch.arange(past, past + length, device=input_ids.device).expand(batch, -1)
-            else:
-                position_ids = positions_from_mask(attention_mask)[:, past:]
-        padded = attention_mask is not None and not bool(attention_mask.all())
-        mask = None
-        if padded or (past and length > 1):
-            if attention_mask is None:
-                attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=input_ids.device)
-            mask = causal_padding_mask(attention_mask, length, past)
-        hidden = self.decoder(embeds, position_ids, mask, self.cfg.attn_implementation, cache)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.decoder.logits(hidden)
+            position_ids = positions_from_mask(attention_mask)[:, past:]
+        hidden, configs, router_logits = self.run_decoder(
+            embeds, position_ids, attention_mask, visual_mask, segments, self.routing_mask(input_ids), sa_layers, cache
+        )
+        logits = self._logits(hidden, visual_mask, logits_to_keep)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
-            )
-        return ModelOutput(logits=logits, loss=loss, cache=cache)
+            labels = labels.to(logits.device)
+            if not self.plan.dense:
+                labels = labels.masked_fill(visual_mask, -100)  # visual positions predict nothing
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return ModelOutput(logits=logits, loss=loss, cache=cache, sa_layers=configs, router_logits=router_logits)
+
+    def _logits(self, hidden: torch.Tensor, visual_mask: torch.Tensor, keep: int) -> torch.Tensor:
+        """LM head over every position (dense plan), or over text positions only (VISOR plans)."""
+        if self.plan.dense:
+            return self.decoder.logits(hidden[:, -keep:] if keep else hidden)
+        if keep:
+            return self.decoder.logits(hidden[:, -keep:]) * (~visual_mask[:, -keep:])[..., None]
+        index, _ = compact(~visual_mask)
+        text_logits = self.decoder.logits(gather_tokens(hidden, index))
+        return scatter_tokens(text_logits.new_zeros(*hidden.shape[:2], text_logits.shape[-1]), index, text_logits)
 
     def new_cache(self) -> KVCache:
         """An empty cache sized for this model."""

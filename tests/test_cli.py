@@ -1,0 +1,81 @@
+"""The ``visorlib`` command end to end on tiny models (no network)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import visorlib
+from visorlib.cli import main
+
+
+def test_list_and_info(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "llava-ov-0.5b" in out and "llava-ov-7b" in out
+    assert main(["info", "llava-ov-0.5b"]) == 0
+    out = capsys.readouterr().out
+    assert "893,675,552" in out and "24 layers" in out and "llava-hf/llava-onevision-qwen2-0.5b-ov-hf" in out
+
+
+def test_unknown_model_is_a_clean_error(capsys):
+    assert main(["info", "llava-ov-9b"]) == 2
+    assert "unknown model 'llava-ov-9b'" in capsys.readouterr().err
+
+
+def test_profile_tiny_with_image(tmp_path, capsys):
+    image = tmp_path / "page.png"
+    Image.new("RGB", (90, 60), (10, 200, 30)).save(image)
+    report = tmp_path / "profile.json"
+    assert main(["profile", "llava-ov-0.5b", "--tiny", "--image", str(image), "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert result["visual_tokens"] == visorlib.processing.anyres.num_image_tokens((60, 90), [[30 * i, 30 * j] for i in range(1, 7) for j in range(1, 7)], 30, 5, 9)
+    assert result["prefill_seconds"]["total"] > 0 and "random" in result["weights"]
+    assert "analytic prefill FLOPs" in capsys.readouterr().out
+
+
+def word_tokenizer(folder, cfg):
+    """A word-level tokenizer whose special ids agree with the tiny card."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<image>": cfg.tokens.image_token_id,
+                "<video>": cfg.tokens.video_token_id}
+    words = ["user", "assistant", "what", "is", "this", "?", "\n", "[UNK]"] + [f"w{i}" for i in range(200)]
+    vocab = dict(specials)
+    for word in words:
+        vocab.setdefault(word, len(vocab) + 2)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.WhitespaceSplit()])
+    tok.add_special_tokens(list(specials))
+    tok.save(str(folder / "tokenizer.json"))
+
+
+def test_generate_from_a_checkpoint_folder(tmp_path, capsys):
+    torch.manual_seed(0)
+    cfg = visorlib.get_config("llava-ov-0.5b").tiny()
+    model = visorlib.zoo.instantiate(cfg).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    word_tokenizer(tmp_path / "ckpt", cfg)
+    image = tmp_path / "cat.png"
+    Image.new("RGB", (70, 50), (200, 100, 30)).save(image)
+    code = main(["generate", "--model", str(tmp_path / "ckpt"), "--image", str(image), "--prompt", "what is this ?",
+                 "--max-new-tokens", "5"])
+    assert code == 0
+    printed = capsys.readouterr().out.strip()
+    # The same answer through the Python API: processor_for finds the checkpoint's tokenizer.
+    loaded = visorlib.from_pretrained(tmp_path / "ckpt")
+    processor = visorlib.processor_for(loaded)
+    inputs = processor.chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this ?"}]}],
+                            images=[Image.open(image)])
+    out = loaded.generate(**inputs, max_new_tokens=5)
+    assert printed == processor.decode(out[0, inputs["input_ids"].shape[1]:])
+
+
+def test_processor_for_without_tokenizer_warns_and_handles_pixels():
+    model = visorlib.zoo.instantiate(visorlib.get_config("llava-ov-0.5b").tiny(), "meta")
+    with pytest.warns(UserWarning, match="prepare images only"):
+        processor = visorlib.processor_for(model)
+    assert processor.tokenizer is None

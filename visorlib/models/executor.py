@@ -1,0 +1,310 @@
+"""One executor for every layer plan: dense, VISOR, fixed or per-sample configurations.
+
+The hidden states live in one of two forms and are converted only when a layer needs the other:
+
+* **merged** — ``[B, L, D]`` in the original token order, as a dense model sees them;
+* **split** — a text stream ``[B, N_t, D]`` and a visual stream ``[B, N_v, D]`` (each left-padded,
+  tokens in their original order), with the original rotary positions kept per token.
+
+A layer whose SA candidate runs for every sample works on the merged form, exactly like the dense
+model (so the dense plan, which never splits, reproduces the dense logits bit for bit). Text-only
+and cross-attention layers work on the text stream alone, so their cost does not grow with the
+number of visual tokens. When samples of one batch execute different SA layers, each such layer
+runs the merged computation on the executing samples and the text-only one on the others
+("gather per layer"); every sample gets what it would get alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..blocks.plan import CROSS, SELF, LayerPlan
+from ..cache import KVCache
+from ..layers import causal_padding_mask
+
+
+def compact(select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the True entries of ``select [B, L]``, left-padded to the longest row.
+
+    Returns:
+        ``(index [B, N], valid [B, N])``; padded slots point at position ``L`` (a scratch slot).
+    """
+    length = select.shape[1]
+    positions = torch.arange(length, device=select.device).expand_as(select)
+    keyed = torch.where(select, positions, torch.full_like(positions, -1))
+    count = int(select.sum(1).max()) if select.numel() else 0
+    ordered = keyed.sort(dim=1).values[:, length - count :]
+    valid = ordered >= 0
+    return torch.where(valid, ordered, torch.full_like(ordered, length)), valid
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, index[b]]`` for ``x [B, L, ...]``; index ``L`` reads zeros."""
+    padded = torch.cat([x, x.new_zeros(x.shape[0], 1, *x.shape[2:])], dim=1)
+    expanded = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
+    return padded.gather(1, expanded)
+
+
+def scatter_tokens(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``target[b, index[b]] = values[b]`` out of place; writes to index ``L`` are dropped."""
+    padded = torch.cat([target, target.new_zeros(target.shape[0], 1, *target.shape[2:])], dim=1)
+    expanded = index.view(*index.shape, *([1] * (values.dim() - 2))).expand_as(values)
+    return padded.scatter(1, expanded, values)[:, :-1]
+
+
+@dataclass
+class Layout:
+    """Where each sample's text and visual tokens sit in the original sequence."""
+
+    text_index: torch.Tensor
+    text_valid: torch.Tensor
+    visual_index: torch.Tensor
+    visual_valid: torch.Tensor
+
+    @classmethod
+    def build(cls, visual_mask: torch.Tensor, attention_mask: torch.Tensor) -> Layout:
+        real = attention_mask.bool()
+        text_index, text_valid = compact(real & ~visual_mask)
+        visual_index, visual_valid = compact(real & visual_mask)
+        return cls(text_index, text_valid, visual_index, visual_valid)
+
+    def select(self, rows: torch.Tensor) -> Layout:
+        return Layout(*(t[rows] for t in (self.text_index, self.text_valid, self.visual_index, self.visual_valid)))
+
+
+class PlanExecutor:
+    """Runs a decoder's layers under a :class:`LayerPlan` for one forward pass.
+
+    Args:
+        decoder: A decoder with ``layers`` and ``rotary`` (e.g. :class:`~visorlib.backbones.qwen2.Qwen2Decoder`).
+        plan: Layer roles.
+        cross: Cross-attention blocks keyed by layer index (``str``).
+        implementation: Attention backend.
+    """
+
+    def __init__(self, decoder: nn.Module, plan: LayerPlan, cross: nn.ModuleDict | None, implementation: str):
+        self.decoder, self.plan, self.cross, self.impl = decoder, plan, cross, implementation
+
+    def run(
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        visual_mask: torch.Tensor,
+        segments: torch.Tensor,
+        executes: torch.Tensor,
+        cache: KVCache | None = None,
+        on_layer_end=None,
+        stop_after: int | None = None,
+    ) -> torch.Tensor:
+        """Run the layers; returns merged hidden states ``[B, L, D]``.
+
+        Args:
+            hidden: Input embeddings in original order.
+            position_ids: ``[B, L]`` rotary positions.
+            attention_mask: ``[B, L_past + L]``, 0 on padding.
+            visual_mask: ``[B, L]``, True on visual tokens.
+            segments: ``[B, L]`` image/video ordinal of each visual token (-1 elsewhere).
+            executes: ``[B, num_layers]`` bool: does the layer's SA run for the sample.
+            cache: Filled (prefill) or extended (decode) in place.
+            on_layer_end: ``f(layer, state)`` called after each layer; may return a new ``executes``
+                (the router uses this to decide the remaining layers).
+            stop_after: Stop after this layer (the router's routing pass).
+        """
+        past = cache.seen if cache is not None else 0
+        if past and self.plan.ca_layers and bool(visual_mask.any()):
+            raise ValueError("visual tokens can only enter in the first (prefill) call of a VISOR model")
+        state = _State(self, hidden, position_ids, attention_mask, visual_mask, segments, past)
+        for index, layer in enumerate(self.decoder.layers):
+            role = self.plan.roles[index]
+            run_sa = executes[:, index] if role == SELF else torch.zeros_like(executes[:, index])
+            if past:
+                # Decoding: each layer attends over whatever its cache holds for each sample, so the
+                # configuration chosen at prefill carries over without being passed again.
+                state.decode_layer(index, layer, cache, cross=role == CROSS)
+            elif bool(run_sa.all()):
+                state.merged_layer(index, layer, cache)
+            elif bool(run_sa.any()):
+                state.mixed_layer(index, layer, run_sa, cache)
+            else:
+                state.text_layer(index, layer, cache, cross=role == CROSS)
+            if on_layer_end is not None:
+                update = on_layer_end(index, state)
+                if update is not None:
+                    executes = update
+            if stop_after is not None and index == stop_after:
+                break
+        if cache is not None:
+            cache.seen += hidden.shape[1]
+        return state.merged()
+
+
+class _State:
+    """The hidden states of one forward, merged or split, with their masks and rotary tables."""
+
+    def __init__(self, ex: PlanExecutor, hidden, position_ids, attention_mask, visual_mask, segments, past):
+        self.ex, self.past = ex, past
+        self.H: torch.Tensor | None = hidden
+        self.T: torch.Tensor | None = None
+        self.V: torch.Tensor | None = None
+        self.positions = position_ids
+        self.attention_mask = attention_mask
+        self.new_mask = attention_mask[:, past:]
+        self.visual_mask, self.segments = visual_mask, segments
+        self._layout: Layout | None = None
+        self._cache: dict[str, object] = {}
+
+    # -- layout and tables ------------------------------------------------------------------
+    @property
+    def layout(self) -> Layout:
+        if self._layout is None:
+            self._layout = Layout.build(self.visual_mask, self.new_mask)
+        return self._layout
+
+    def _memo(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def full_rope(self):
+        return self._memo("full_rope", lambda: self.ex.decoder.rotary(self.positions, self._dtype()))
+
+    def text_rope(self):
+        return self._memo(
+            "text_rope",
+            lambda: self.ex.decoder.rotary(gather_tokens(self.positions, self.layout.text_index), self._dtype()),
+        )
+
+    def full_mask(self):
+        def make():
+            length = self.new_mask.shape[1]
+            if bool(self.attention_mask.all()) and (self.past == 0 or length == 1):
+                return None
+            return causal_padding_mask(self.attention_mask, length, self.past)
+
+        return self._memo("full_mask", make)
+
+    def text_mask(self):
+        valid = self.layout.text_valid
+        return self._memo("text_mask", lambda: None if bool(valid.all()) else causal_padding_mask(valid.long(), valid.shape[1]))
+
+    def cross_mask(self):
+        def make():
+            lay = self.layout
+            text_pos = gather_tokens(self.positions, lay.text_index)
+            visual_pos = gather_tokens(self.positions, lay.visual_index)
+            # A text token reads the visual tokens of the images that came before it.
+            mask = (visual_pos[:, None, :] < text_pos[:, :, None]) & lay.visual_valid[:, None, :]
+            return mask[:, None]
+
+        return self._memo("cross_mask", make)
+
+    def _dtype(self):
+        return (self.H if self.H is not None else self.T).dtype
+
+    # -- conversions -------------------------------------------------------------------------
+    def merged(self) -> torch.Tensor:
+        if self.H is None:
+            base = torch.zeros(*self.visual_mask.shape, self.T.shape[-1], dtype=self.T.dtype, device=self.T.device)
+            base = scatter_tokens(base, self.layout.visual_index, self.V)
+            self.H = scatter_tokens(base, self.layout.text_index, self.T)
+        return self.H
+
+    def split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.T is None:
+            self.T = gather_tokens(self.H, self.layout.text_index)
+            self.V = gather_tokens(self.H, self.layout.visual_index)
+        self.H = None  # the streams are about to change
+        return self.T, self.V
+
+    def text_states(self) -> torch.Tensor:
+        """Current text stream ``[B, N_t, D]`` (for the router)."""
+        return self.T if self.H is None else gather_tokens(self.H, self.layout.text_index)
+
+    # -- layer kinds ---------------------------------------------------------------------------
+    def merged_layer(self, index, layer, cache):
+        hidden = self.merged()
+        self.T = self.V = None
+        if cache is not None:
+            cache.extend_mask(index, self.new_mask)
+        self.H = layer(hidden, self.full_rope(), self.full_mask(), self.ex.impl, cache, index)
+
+    def text_layer(self, index, layer, cache, cross: bool):
+        text, visual = self.split()
+        if cross:
+            block = self.ex.cross[str(index)]
+            kv = block.project_visual(visual, gather_tokens(self.segments, self.layout.visual_index))
+            if cache is not None:
+                cache.cross[index] = (*kv, self.layout.visual_valid)
+                cache.cross_projections += 1
+            text = block(text, kv, self.cross_mask(), self.ex.impl)
+        if cache is not None:
+            cache.extend_mask(index, self.layout.text_valid)
+        self.T = layer(text, self.text_rope(), self.text_mask(), self.ex.impl, cache, index)
+
+    def mixed_layer(self, index, layer, run_sa, cache):
+        """Executing samples run the merged layer, the others the text-only one.
+
+        With a cache, both groups' keys/values go into one slot in the merged layout; the rows of
+        skipping samples mark only their text positions valid.
+        """
+        text, visual = self.split()
+        rows = run_sa.nonzero().squeeze(1)
+        rest = (~run_sa).nonzero().squeeze(1)
+        lay, sub = self.layout, self.layout.select(rows)
+        zeros = torch.zeros(len(rows), *self.visual_mask.shape[1:], text.shape[-1], dtype=text.dtype, device=text.device)
+        merged = scatter_tokens(scatter_tokens(zeros, sub.visual_index, visual[rows]), sub.text_index, text[rows])
+        mask, text_mask = self.full_mask(), self.text_mask()
+        part_cache = (KVCache(1), KVCache(1)) if cache is not None else (None, None)
+        rope = tuple(t[rows] for t in self.full_rope())
+        merged = layer(merged, rope, None if mask is None else mask[rows], self.ex.impl, part_cache[0], 0)
+        rope_t = tuple(t[rest] for t in self.text_rope())
+        text_rest = layer(text[rest], rope_t, None if text_mask is None else text_mask[rest], self.ex.impl,
+                          part_cache[1], 0)
+        text, visual = text.clone(), visual.clone()
+        text[rows] = gather_tokens(merged, sub.text_index)
+        visual[rows] = gather_tokens(merged, sub.visual_index)
+        text[rest] = text_rest
+        self.T, self.V = text, visual
+        if cache is not None:
+            length = self.visual_mask.shape[1]
+            slots = []
+            done, other = part_cache
+            for store_exec, store_text in ((done.keys, other.keys), (done.values, other.values)):
+                kv_exec = store_exec[0][:, :, :length]
+                kv_text = store_text[0][:, :, : lay.text_index.shape[1]]
+                full = kv_exec.new_zeros(len(run_sa), *kv_exec.shape[1:])
+                full[rows] = kv_exec
+                # [R, H, N_t, d] -> [R, H, L, d] at the text tokens' original positions
+                placed = scatter_tokens(full[rest].transpose(1, 2), lay.text_index[rest], kv_text.transpose(1, 2))
+                full[rest] = placed.transpose(1, 2)
+                slots.append(full)
+            cache.update(index, *slots)
+            valid = self.new_mask.bool().clone()
+            text_only = scatter_tokens(torch.zeros_like(valid[rest]), lay.text_index[rest], lay.text_valid[rest])
+            valid[rest] = text_only
+            cache.extend_mask(index, valid)
+
+    def decode_layer(self, index, layer, cache, cross: bool):
+        """New (text) tokens after a prefill: every layer attends over what its cache holds."""
+        hidden = self.merged()
+        if cross:
+            k, v, valid = cache.cross[index]
+            mask = valid[:, None, None, :].expand(-1, 1, hidden.shape[1], -1)
+            hidden = self.ex.cross[str(index)](hidden, (k, v), mask, self.ex.impl)
+        keys = cache.extend_mask(index, self.new_mask)
+        self.H = layer(hidden, self.full_rope(), self._decode_mask(keys, hidden.shape[1]), self.ex.impl, cache, index)
+        self.T = self.V = None
+
+    @staticmethod
+    def _decode_mask(keys: torch.Tensor, new: int) -> torch.Tensor:
+        """Queries (the last ``new`` keys) see valid earlier keys, and each other causally."""
+        total = keys.shape[1]
+        q = torch.arange(total - new, total, device=keys.device)
+        k = torch.arange(total, device=keys.device)
+        mask = (k[None, :] <= q[:, None])[None] & keys[:, None, :]
+        mask = mask | (k[None, :] == q[:, None])[None]
+        return mask[:, None]
