@@ -37,7 +37,43 @@ def test_real_size_numbers_are_plausible():
     # full-rectangle QK^T and AV products.
     matmul_weights = sum(p.numel() for n, p in model.decoder.layers.named_parameters() if p.dim() == 2)
     attention = 24 * 4 * tokens**2 * 896
-    assert report.components["decoder"] == 2 * matmul_weights * tokens + attention
+    assert report.components["decoder_self_attention_layers"] == 2 * matmul_weights * tokens + attention
+    assert report.components["decoder_text_only_layers"] == report.components["cross_attention"] == 0
     assert report.kv_cache_bytes == 24 * 7435 * 2 * 2 * 64 * 2
     with pytest.raises(ValueError, match="dense model"):
         flops("llava-ov-0.5b", n_visual=10, n_text=10, sa_layers=[1])
+
+
+@pytest.mark.parametrize(
+    ("config", "packing"),
+    [("dense", 1.0)] + [(c, p) for c in ([1], [1, 2], [1, 4], [1, 2, 4]) for p in (1.0, 2.0, 3.0)],
+)
+def test_visor_flops_match_flop_counter(config, packing):
+    from visor_helpers import build, tiny_cfg
+
+    from visorlib.processing import LlavaOnevisionProcessor
+
+    cfg = tiny_cfg(sa_layers=None) if config == "dense" else tiny_cfg(router=False, packing_ratio=packing)
+    model = build(cfg)
+    size = (60, 90)
+    n_visual = LlavaOnevisionProcessor(model.cfg).num_image_tokens(size)
+    tiles = anyres.num_tiles(size, model.cfg.processing.pinpoints(30), 30)
+    ids = torch.cat([torch.randint(0, 200, (1, 5)), torch.full((1, n_visual), cfg.tokens.image_token_id),
+                     torch.randint(0, 200, (1, 6))], 1)
+    sa_layers = None if config == "dense" else config
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(ids, pixel_values=torch.randn(1, tiles, 3, 30, 30), image_sizes=torch.tensor([size]), logits_to_keep=1,
+              sa_layers=sa_layers)
+    analytic = flops(model, n_visual=n_visual, n_text=11, tiles=tiles, sa_layers=sa_layers).total
+    assert analytic == pytest.approx(counter.get_total_flops(), rel=0.02)
+
+
+def test_paper_scale_savings():
+    """At 7371 visual tokens the analytic LLM FLOP ratios are the paper's (~3.3x and ~10.9x)."""
+    dense = flops("llava-ov-0.5b", n_visual=7371, n_text=64)
+    big = flops("visor-llava-ov-0.5b", n_visual=7371, n_text=64, sa_layers=[1, 4, 7, 10, 16, 19, 22])
+    small = flops("visor-llava-ov-0.5b", n_visual=7371, n_text=64, sa_layers=[1, 4])
+    assert dense.language_model / big.language_model == pytest.approx(3.34, abs=0.05)
+    assert dense.language_model / small.language_model == pytest.approx(10.9, abs=0.1)
+    assert small.kv_cache_bytes < big.kv_cache_bytes < dense.kv_cache_bytes
+    assert small.decode_step < dense.decode_step

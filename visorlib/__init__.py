@@ -12,6 +12,7 @@ from .config import ConfigError, ModelConfig
 from .flops import flops
 from .hub import CheckpointError
 from .models import InputError
+from .models.visor import visorize
 from .zoo import build, from_pretrained, get_config, list_models, processor_for
 
 __version__ = "0.1.0"
@@ -27,4 +28,5 @@ __all__ = [
     "get_config",
     "list_models",
     "processor_for",
+    "visorize",
 ]

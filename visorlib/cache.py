@@ -59,12 +59,12 @@ class KVCache:
 
     def nbytes(self) -> int:
         """Bytes of keys and values held (valid or not, spare capacity excluded)."""
-        total = sum(2 * k[:, :, :n].numel() * k.element_size() for k, n in zip(self.keys, self.lengths) if k is not None)
+        total = sum(2 * k[:, :, :n].numel() * k.element_size() for k, n in zip(self.keys, self.lengths, strict=False) if k is not None)
         return total + sum((k.numel() + v.numel()) * k.element_size() for k, v, _ in self.cross.values())
 
     def nbytes_per_sample(self) -> list[int]:
         """Bytes of *valid* keys and values per sample (padding and skipped visual tokens excluded)."""
-        slots = [(k, mask) for k, mask in zip(self.keys, self.key_masks) if k is not None and mask is not None]
+        slots = [(k, mask) for k, mask in zip(self.keys, self.key_masks, strict=False) if k is not None and mask is not None]
         slots += [(k, valid) for k, _, valid in self.cross.values()]
         if not slots:
             return []

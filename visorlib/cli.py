@@ -82,7 +82,7 @@ def default_profile_image():
 def cmd_profile(args: argparse.Namespace) -> None:
     from PIL import Image
 
-    from .processing import preprocess_images
+    from .processing import LlavaOnevisionProcessor, preprocess_images
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,7 +103,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
     vision = preprocess_images([image], cfg)
     size = vision["image_sizes"][0].tolist()
     pins = cfg.processing.pinpoints(cfg.vision.image_size)
-    n_visual = anyres.num_image_tokens(size, pins, cfg.vision.image_size, cfg.vision.grid_size, cfg.processing.max_tiles)
+    n_visual = LlavaOnevisionProcessor(cfg).num_image_tokens(size)
     tiles = anyres.num_tiles(size, pins, cfg.vision.image_size)
     n_text = args.text_tokens
     # Ordinary text ids only: stay below every special id (placeholders, routing token).

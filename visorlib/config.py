@@ -235,22 +235,26 @@ class ModelConfig:
         return cls.from_dict(data, str(path))
 
     def tiny(self) -> ModelConfig:
-        """The same architecture at test size (hidden 64, 2-3 layers, 30-px tiles, 256-token vocab).
+        """The same architecture at test size (hidden 64, 30-px tiles, 256-token vocab).
 
-        Structure is kept (backbone kinds, tied head, newline, anyres rule) so that a tiny model
+        Structure is kept (backbone kinds, tied head, newline, anyres rule, VISOR plan; a dense
+        decoder drops to 3 layers, a VISOR one keeps its depth) so that a tiny model
         exercises the same code paths as the real one; used by the registry-wide tests and by
         recipes' smoke runs.
         """
-        return self.with_overrides(
-            {
-                "vision": {"image_size": 30, "patch_size": 6, "hidden_size": 32, "intermediate_size": 37,
-                           "num_layers": 2, "num_heads": 4},
-                "decoder": {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 96, "num_layers": 3,
-                            "num_heads": 4, "num_kv_heads": 2, "max_position_embeddings": 4096},
-                "tokens": {"image_token_id": 250, "video_token_id": 251, "eos_token_ids": [255], "pad_token_id": 0},
-            },
-            f"tiny({self.name})",
-        )
+        decoder = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 96, "num_heads": 4, "num_kv_heads": 2,
+                   "max_position_embeddings": 4096}
+        overrides: dict[str, Any] = {
+            "vision": {"image_size": 30, "patch_size": 6, "hidden_size": 32, "intermediate_size": 37,
+                       "num_layers": 2, "num_heads": 4},
+            "decoder": decoder,
+            "tokens": {"image_token_id": 250, "video_token_id": 251, "eos_token_ids": [255], "pad_token_id": 0},
+        }
+        if self.visor is None:
+            decoder["num_layers"] = 3
+        else:  # keep the depth, so the VISOR layer plan still fits
+            overrides["visor"] = {"routing_token_id": 252, "router_hidden": 16}
+        return self.with_overrides(overrides, f"tiny({self.name})")
 
     def with_overrides(self, overrides: dict[str, Any], source: str = "overrides") -> ModelConfig:
         """A copy with nested ``overrides`` merged in, validated like a card."""

@@ -23,12 +23,19 @@ class FlopReport:
         kv_cache_bytes: Bytes of keys and values cached for later decoding.
         n_visual: Visual tokens in the decoder's sequence.
         n_text: Text tokens in the decoder's sequence.
+        decode_step: FLOPs of generating the first token after this prefill.
     """
 
     components: dict[str, float] = field(default_factory=dict)
     kv_cache_bytes: int = 0
     n_visual: int = 0
     n_text: int = 0
+    decode_step: float = 0.0
+
+    @property
+    def language_model(self) -> float:
+        """Decoder layers, cross-attention and LM head: what the VISOR paper's FLOP counts cover."""
+        return self.total - self.components.get("vision_tower", 0.0) - self.components.get("projector", 0.0)
 
     @property
     def total(self) -> float:
@@ -76,35 +83,104 @@ def kv_bytes_per_token(cfg: DecoderConfig, bytes_per_value: int = 2) -> int:
     return 2 * cfg.num_kv_heads * cfg.head_dim * bytes_per_value
 
 
-def dense_prefill_flops(
+def cross_attention_flops(cfg: DecoderConfig, n_text: int, n_visual: int, project_visual: bool = True) -> float:
+    """One cross-attention block: q/o on text, k/v on visual (unless cached), scores and sum."""
+    kv_width = cfg.num_kv_heads * cfg.head_dim
+    flops = linear_flops(n_text, cfg.hidden_size, cfg.hidden_size) * 2
+    flops += attention_core_flops(n_text, n_visual, cfg.num_heads, cfg.head_dim)
+    if project_visual:
+        flops += linear_flops(n_visual, cfg.hidden_size, 2 * kv_width)
+    return flops
+
+
+def _configuration(cfg: ModelConfig, sa_layers: object) -> list[int]:
+    from .blocks.plan import LayerPlan
+
+    plan = LayerPlan(cfg.decoder.num_layers, cfg.visor)
+    if sa_layers is None:
+        return plan.default
+    if sa_layers == "all":
+        return plan.sa_layers
+    if plan.dense:
+        raise ValueError(f"sa_layers={sa_layers!r}: {cfg.name} is a dense model with no VISOR layer plan")
+    if isinstance(sa_layers, str):
+        raise ValueError(f"sa_layers={sa_layers!r}: FLOPs need a concrete configuration (a list of layers)")
+    return plan.validate(sa_layers)
+
+
+def prefill_flops(
     cfg: ModelConfig,
     n_visual: int,
     n_text: int,
     tiles: int = 0,
+    sa_layers: object = None,
     logits_for: int = 1,
     bytes_per_value: int = 2,
 ) -> FlopReport:
-    """FLOPs of a dense prefill: every decoder layer over ``[visual; text]``.
+    """FLOPs of one prefill under a layer configuration (dense models: every layer over all tokens).
 
     Args:
         cfg: The model.
-        n_visual: Visual tokens in the sequence.
+        n_visual: Visual tokens in the language model's sequence (after any packing).
         n_text: Text tokens in the sequence.
         tiles: Tiles (or frames) through the vision tower; 0 counts the language model only.
-        logits_for: Positions whose logits are computed (1 for generation, the length for training).
-        bytes_per_value: Cache element size (2 for bf16/fp16).
+        sa_layers: Configuration (None = the card's default, ``"all"``, or a list of SA layers).
+        logits_for: Positions whose logits are computed (1 for generation).
+        bytes_per_value: KV-cache element size (2 for bf16/fp16).
     """
-    length = n_visual + n_text
+    from .blocks.plan import CROSS, SELF, LayerPlan
+
+    dec = cfg.decoder
+    plan = LayerPlan(dec.num_layers, cfg.visor)
+    executed = set(_configuration(cfg, sa_layers))
     report = FlopReport(n_visual=n_visual, n_text=n_text)
     report.components["vision_tower"] = vision_tower_flops(cfg.vision, tiles)
-    tile_tokens = tiles * cfg.vision.tokens_per_tile
-    report.components["projector"] = linear_flops(tile_tokens, cfg.vision.hidden_size, cfg.decoder.hidden_size) + (
-        linear_flops(tile_tokens, cfg.decoder.hidden_size, cfg.decoder.hidden_size)
+    packed = cfg.feature_grid_size**2
+    width = cfg.vision.hidden_size * (4 if packed != cfg.vision.tokens_per_tile else 1)
+    report.components["projector"] = linear_flops(tiles * packed, width, dec.hidden_size) + linear_flops(
+        tiles * packed, dec.hidden_size, dec.hidden_size
     )
-    report.components["decoder"] = cfg.decoder.num_layers * decoder_layer_flops(cfg.decoder, length)
-    report.components["lm_head"] = linear_flops(logits_for, cfg.decoder.hidden_size, cfg.decoder.vocab_size)
-    report.kv_cache_bytes = cfg.decoder.num_layers * length * kv_bytes_per_token(cfg.decoder, bytes_per_value)
+    text_layers = self_layers = cross = 0.0
+    cached_tokens = 0
+    for index, role in enumerate(plan.roles):
+        if role == SELF and index in executed:
+            self_layers += decoder_layer_flops(dec, n_visual + n_text)
+            cached_tokens += n_visual + n_text
+            continue
+        if role == CROSS:
+            cross += cross_attention_flops(dec, n_text, n_visual)
+            cached_tokens += n_visual  # the projected visual keys/values are kept for decoding
+        text_layers += decoder_layer_flops(dec, n_text)
+        cached_tokens += n_text
+    report.components["decoder_self_attention_layers"] = self_layers
+    report.components["decoder_text_only_layers"] = text_layers
+    report.components["cross_attention"] = cross
+    report.components["lm_head"] = linear_flops(logits_for, dec.hidden_size, dec.vocab_size)
+    report.kv_cache_bytes = cached_tokens * kv_bytes_per_token(dec, bytes_per_value)
+    report.decode_step = decode_step_flops(cfg, n_visual, n_text, sa_layers)
     return report
+
+
+def decode_step_flops(cfg: ModelConfig, n_visual: int, n_context_text: int, sa_layers: object = None) -> float:
+    """FLOPs of generating one token after a prefill of ``n_visual`` + ``n_context_text`` tokens.
+
+    Text-only (and skipped) layers attend over the cached text, executed SA layers over visual +
+    text, and cross-attention layers read visual keys/values cached at prefill.
+    """
+    from .blocks.plan import CROSS, SELF, LayerPlan
+
+    dec = cfg.decoder
+    plan = LayerPlan(dec.num_layers, cfg.visor)
+    executed = set(_configuration(cfg, sa_layers))
+    total = linear_flops(1, dec.hidden_size, dec.vocab_size)
+    for index, role in enumerate(plan.roles):
+        if role == SELF and index in executed:
+            total += decoder_layer_flops(dec, 1, n_visual + n_context_text + 1)
+            continue
+        if role == CROSS:
+            total += cross_attention_flops(dec, 1, n_visual, project_visual=False)
+        total += decoder_layer_flops(dec, 1, n_context_text + 1)
+    return total
 
 
 def flops(
@@ -115,14 +191,14 @@ def flops(
     sa_layers: object = None,
     logits_for: int = 1,
 ) -> FlopReport:
-    """Analytic prefill FLOPs and KV-cache bytes for a model, a card name or a :class:`ModelConfig`.
+    """Analytic prefill FLOPs, decode-step FLOPs and KV-cache bytes of a model.
 
     Args:
         model_or_name: A built model (anything with ``.cfg``), a zoo card name, or a config.
         n_visual: Visual tokens in the language model's sequence.
         n_text: Text tokens in the sequence.
         tiles: Tiles through the vision tower (0: language model only, as the VISOR paper counts).
-        sa_layers: Layer configuration; dense models accept None or ``"all"``.
+        sa_layers: Configuration: None (card default), ``"all"``, or a list of SA layers.
         logits_for: Positions whose logits are computed.
     """
     if isinstance(model_or_name, ModelConfig):
@@ -133,6 +209,4 @@ def flops(
         cfg = get_config(model_or_name)
     else:
         cfg = model_or_name.cfg
-    if sa_layers not in (None, "all"):
-        raise ValueError(f"sa_layers={sa_layers!r}: {cfg.name} is a dense model with no VISOR layer plan")
-    return dense_prefill_flops(cfg, n_visual, n_text, tiles, logits_for)
+    return prefill_flops(cfg, n_visual, n_text, tiles, sa_layers, logits_for)

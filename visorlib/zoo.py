@@ -7,6 +7,7 @@ the meta device costs no memory, so a 7B card can be inspected on a laptop.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 import os
@@ -16,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, merge_nested
 from .convert import config_from_hf, convert_llava_onevision_state
 from .hub import (
     VISORLIB_CONFIG,
@@ -59,10 +61,31 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
         close = difflib.get_close_matches(name, list(cards), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise KeyError(f"unknown model {name!r}{hint} (known: {', '.join(cards)})")
-    cfg = ModelConfig.from_yaml(cards[name])
+    cfg = ModelConfig.from_dict(_card_dict(name, cards, ()), str(cards[name]))
     if cfg.name != name:
         raise ConfigError(f"{cards[name]}: card name {cfg.name!r} must equal the file name {name!r}")
     return cfg.with_overrides(overrides, f"overrides for {name}") if overrides else cfg
+
+
+def _card_dict(name: str, cards: dict[str, Path], chain: tuple[str, ...]) -> dict[str, Any]:
+    """A card as a dict, with ``base: other-card`` resolved (the card's keys override the base's)."""
+    path = cards[name]
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a model card must be a mapping, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if base in chain or base == name:
+        raise ConfigError(f"{path}: circular base chain {' -> '.join((*chain, name, base))}")
+    if base not in cards:
+        raise ConfigError(f"{path}: base card {base!r} does not exist")
+    # Expand the base to every field (defaults included) so the card may set any of them.
+    full_base = ModelConfig.from_dict(_card_dict(base, cards, (*chain, name)), str(cards[base])).to_dict()
+    return merge_nested(full_base, data, str(path))
 
 
 def instantiate(
@@ -107,11 +130,20 @@ def build(
     source = cfg.hub_id if pretrained is True else pretrained
     if source is None:
         raise ConfigError(f"{name}: pretrained=True but the card names no hub_id")
-    model = instantiate(cfg, "meta", dtype)
     folder = resolve_checkpoint(source)
-    load_weights(model, folder)
+    if cfg.visor is not None and not (folder / VISORLIB_CONFIG).exists():
+        # A dense reference checkpoint: load it, then add freshly initialised VISOR blocks.
+        from .models.visor import visorize
+
+        model = instantiate(dataclasses.replace(cfg, visor=None), "meta", dtype)
+        load_weights(model, folder)
+        model = visorize(model.to(device or "cpu"), cfg.visor)
+    else:
+        model = instantiate(cfg, "meta", dtype)
+        load_weights(model, folder)
+        model = model.to(device or "cpu")
     model.checkpoint_dir = folder
-    return model.to(device or "cpu").eval()
+    return model.eval()
 
 
 def load_weights(model: nn.Module, folder: Path) -> None:

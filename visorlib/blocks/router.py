@@ -63,7 +63,7 @@ def route_configs(
         ValueError: a sample has no routing token (the processor adds one after each question).
     """
     chosen: list[list[int] | None] = [None] * batch_size
-    for sample, pick in zip(sample_of_token.tolist(), logits.argmax(-1).tolist()):
+    for sample, pick in zip(sample_of_token.tolist(), logits.argmax(-1).tolist(), strict=False):
         candidate = plan.configurations[pick]
         if chosen[sample] is None or plan.cost(candidate) > plan.cost(chosen[sample]):
             chosen[sample] = candidate

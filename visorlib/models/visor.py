@@ -14,7 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..blocks import ConfigurationRouter, CrossAttention, LayerPlan, TokenPacker, route_configs, widen_projector
+from ..blocks import (
+    ConfigurationRouter,
+    CrossAttention,
+    LayerPlan,
+    TokenPacker,
+    route_configs,
+    widen_projector,
+)
 from ..config import ConfigError, ModelConfig, VisorConfig
 from .executor import PlanExecutor, gather_tokens
 
@@ -118,7 +125,7 @@ class VisorMixin:
         return hidden, routed.get("configs", configs), routed.get("logits")
 
 
-def visorize(model: nn.Module, visor: VisorConfig | dict, warn: bool = True) -> nn.Module:
+def visorize(model: nn.Module, visor: VisorConfig | dict | str, warn: bool = True) -> nn.Module:
     """Turn a dense model into a VISOR model (in place) and return it.
 
     The new blocks are initialised from the dense weights (cross-attention copied from each CA
@@ -126,13 +133,22 @@ def visorize(model: nn.Module, visor: VisorConfig | dict, warn: bool = True) -> 
 
     Args:
         model: A dense visorlib model (``model.cfg.visor is None``).
-        visor: A :class:`~visorlib.config.VisorConfig` or a card's ``visor`` mapping.
+        visor: A :class:`~visorlib.config.VisorConfig`, a card's ``visor`` mapping, or the name of a
+            VISOR zoo card whose plan to use (``"visor-llava-ov-0.5b"``).
         warn: Emit the "untrained blocks" warning.
     """
     if model.cfg.visor is not None:
         raise ConfigError(f"{model.cfg.name} already has a VISOR plan")
+    if isinstance(visor, str):
+        from ..zoo import get_config
+
+        card = get_config(visor)
+        if card.visor is None:
+            raise ConfigError(f"zoo card {visor!r} has no visor section")
+        visor = card.visor
     if isinstance(visor, dict):
         visor = ModelConfig.from_dict({"visor": visor}, "visorize()").visor
+    LayerPlan(model.cfg.decoder.num_layers, visor)  # validate before touching the model
     device = next(model.parameters()).device
     model.cfg = copy.deepcopy(model.cfg)
     model.cfg.visor = visor

@@ -135,7 +135,7 @@ class LlavaOnevisionProcessor:
             image_size,
             self.cfg.processing.pinpoints(side),
             side,
-            self.cfg.vision.grid_size,
+            self.cfg.feature_grid_size,
             self.cfg.processing.max_tiles,
             newline=self.cfg.use_image_newline,
             tiled=tiled,
@@ -143,7 +143,7 @@ class LlavaOnevisionProcessor:
 
     def num_video_tokens(self, num_frames: int) -> int:
         """Placeholder tokens for a video of ``num_frames`` frames."""
-        return anyres.num_video_tokens(num_frames, self.cfg.vision.grid_size, newline=self.cfg.use_image_newline)
+        return anyres.num_video_tokens(num_frames, self.cfg.feature_grid_size, newline=self.cfg.use_image_newline)
 
     # -- main entry point -------------------------------------------------------------------------
 

@@ -1,0 +1,229 @@
+"""VISOR invariants (paper eq. 2-3): dense equivalence, what sees the image, per-sample configurations."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from visor_helpers import batch, build, row_inputs, sample, tiny_cfg
+
+import visorlib
+from visorlib.config import ConfigError, VisorConfig
+
+
+def text_positions(model, inputs):
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask", torch.ones_like(ids)).bool()
+    return mask & (ids != model.cfg.tokens.image_token_id)
+
+
+def test_all_self_attention_plan_is_the_dense_model():
+    dense = build(tiny_cfg(sa_layers=None))
+    visor = visorlib.visorize(copy.deepcopy(dense), {"sa_layers": list(range(6))}, warn=False)
+    inputs = batch(dense, [sample(dense, routing=False), sample(dense, (45, 200), 1, 2, routing=False, seed=1)])
+    with torch.no_grad():
+        expected, got = dense(**inputs).logits, visor(**inputs).logits
+    text = text_positions(dense, inputs)
+    assert torch.equal(got[text], expected[text])
+    assert (got[~text & inputs["attention_mask"].bool()] == 0).all()  # visual positions predict nothing
+
+
+def test_text_ignores_the_image_without_cross_or_self_attention():
+    model = build(tiny_cfg(ca_layers=[], router=False, configurations=[]))
+    inputs = batch(model, [sample(model, routing=False)])
+    other = dict(inputs, pixel_values=torch.randn_like(inputs["pixel_values"]))
+    text = text_positions(model, inputs)
+    with torch.no_grad():
+        a, b = model(**inputs, sa_layers=[]).logits, model(**other, sa_layers=[]).logits
+        assert torch.equal(a[text], b[text])
+        assert not torch.allclose(model(**inputs).logits[text], model(**other).logits[text])
+    with_ca = build(tiny_cfg(router=False))
+    with torch.no_grad():
+        a, b = with_ca(**inputs, sa_layers=[]).logits, with_ca(**other, sa_layers=[]).logits
+    after_image = text & (torch.arange(text.shape[1]) > int(text.logical_not().nonzero()[:, 1].max()))
+    assert not torch.allclose(a[after_image], b[after_image])
+    before_image = text & (torch.arange(text.shape[1]) < int(text.logical_not().nonzero()[:, 1].min()))
+    assert torch.equal(a[before_image], b[before_image])  # no earlier image: a zero update, never NaN
+
+
+def decoder_states(model, inputs, stop_after, sa_layers):
+    ids = inputs["input_ids"]
+    embeds, visual, segments = model.embed(ids, inputs["pixel_values"], inputs["image_sizes"])
+    mask = torch.ones_like(ids)
+    positions = torch.arange(ids.shape[1])[None]
+    with torch.no_grad():
+        hidden, _, _ = model.run_decoder(embeds, positions, mask, visual, segments, model.routing_mask(ids),
+                                         sa_layers, stop_after=stop_after)
+    return hidden, visual, embeds, positions
+
+
+def test_visual_tokens_change_only_in_executed_self_attention_layers():
+    model = build(tiny_cfg(router=False))
+    inputs = row_inputs(batch(model, [sample(model, routing=False)]), 0, model)
+    h0, visual, embeds, positions = decoder_states(model, inputs, 0, [1, 4])  # layer 0: cross-attention
+    h1, *_ = decoder_states(model, inputs, 1, [1, 4])  # layer 1: executed SA
+    h2, *_ = decoder_states(model, inputs, 2, [1, 4])  # layer 2: skipped SA
+    h3, *_ = decoder_states(model, inputs, 3, [1, 4])  # layer 3: cross-attention
+    assert torch.equal(h0[visual], embeds[visual])
+    assert not torch.allclose(h1[visual], h0[visual])
+    assert torch.equal(h2[visual], h1[visual]) and torch.equal(h3[visual], h1[visual])
+    # The executed layer is exactly the dense decoder layer over [visual; text].
+    with torch.no_grad():
+        dense_layer = model.decoder.layers[1](h0, model.decoder.rotary(positions, h0.dtype), None)
+    assert torch.equal(h1, dense_layer)
+
+
+@pytest.mark.parametrize("configs", [[[1], [1, 2, 4], [1, 4]], [[1, 2], [1, 2], [1]]])
+def test_per_sample_configurations_equal_each_sample_alone(configs):
+    model = build(tiny_cfg())
+    rows = [sample(model, (60, 90), 3, 5, seed=1), sample(model, (45, 200), 1, 2, seed=2), sample(model, (30, 30), 6, 4, seed=3)]
+    inputs = batch(model, rows)
+    with torch.no_grad():
+        together = model(**inputs, sa_layers=configs)
+        generated = model.generate(**inputs, sa_layers=configs, max_new_tokens=6, eos_token_id=[])
+    assert together.sa_layers == configs
+    for i, config in enumerate(configs):
+        alone_inputs = row_inputs(inputs, i, model)
+        keep = inputs["attention_mask"][i].bool()
+        with torch.no_grad():
+            alone = model(**alone_inputs, sa_layers=config).logits[0]
+            alone_gen = model.generate(**alone_inputs, sa_layers=config, max_new_tokens=6, eos_token_id=[])
+        torch.testing.assert_close(together.logits[i][keep], alone, atol=1e-5, rtol=0)
+        assert torch.equal(generated[i, -6:], alone_gen[0, -6:])
+
+
+@pytest.mark.parametrize("config", [[1], [1, 2], [1, 4], [1, 2, 4]])
+def test_cached_generation_equals_recomputing(config):
+    model = build(tiny_cfg(), seed=5)
+    inputs = batch(model, [sample(model, seed=4), sample(model, (45, 200), 1, 2, seed=6)])
+    steps = 6
+    got = model.generate(**inputs, sa_layers=config, max_new_tokens=steps, eos_token_id=[])
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    vision = {k: inputs[k] for k in ("pixel_values", "image_sizes")}
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = model(ids, mask, **vision, sa_layers=config).logits[:, -1].argmax(-1, keepdim=True)
+            ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    assert torch.equal(got, ids)
+
+
+def test_cross_attention_keys_are_projected_once():
+    model = build(tiny_cfg())
+    inputs = batch(model, [sample(model)])
+    cache = model.new_cache()
+    mask = inputs["attention_mask"]
+    with torch.no_grad():
+        out = model(**inputs, cache=cache, sa_layers=[1, 4], logits_to_keep=1)
+        for _ in range(4):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+            out = model(nxt, mask, cache=cache)
+    assert cache.cross_projections == len(model.plan.ca_layers) == 2
+    n_visual = int((inputs["input_ids"] == model.cfg.tokens.image_token_id).sum())
+    n_text = inputs["input_ids"].shape[1] - n_visual + 4
+    report = visorlib.flops(model, n_visual=n_visual, n_text=n_text, sa_layers=[1, 4])
+    # fp32 cache: 4 bytes per value instead of the report's bf16 2 bytes.
+    assert cache.nbytes_per_sample() == [2 * report.kv_cache_bytes]
+
+
+def test_router_decides_and_a_forced_configuration_overrides_it():
+    model = build(tiny_cfg(), seed=2)
+    inputs = batch(model, [sample(model, seed=1), sample(model, (45, 200), 1, 2, seed=2)])
+    with torch.no_grad():
+        routed = model(**inputs, sa_layers="router")
+        forced = model(**inputs, sa_layers=[1, 2])
+    assert all(c in model.plan.configurations for c in routed.sa_layers)
+    assert routed.router_logits.shape == (2, len(model.plan.configurations))
+    picks = [model.plan.configurations[i] for i in routed.router_logits.argmax(-1).tolist()]
+    assert routed.sa_layers == picks
+    assert forced.sa_layers == [[1, 2], [1, 2]] and forced.router_logits is None
+    with torch.no_grad():
+        same = model(**inputs, sa_layers=routed.sa_layers).logits
+    torch.testing.assert_close(routed.logits, same, atol=1e-6, rtol=0)
+    generated = model.generate(**inputs, sa_layers="router", max_new_tokens=4, eos_token_id=[])
+    assert torch.equal(generated, model.generate(**inputs, sa_layers=routed.sa_layers, max_new_tokens=4, eos_token_id=[]))
+
+
+def test_several_questions_take_the_costliest_prediction():
+    from visorlib.blocks import route_configs
+
+    plan = build(tiny_cfg()).plan
+    logits = torch.full((3, 4), -5.0)
+    logits[0, 0] = logits[1, 3] = logits[2, 1] = 5.0  # sample 0 asks for [1] and [1, 2, 4]; sample 1 for [1, 2]
+    assert route_configs(plan, logits, torch.tensor([0, 0, 1]), 2) == [[1, 2, 4], [1, 2]]
+    with pytest.raises(ValueError, match=r"samples \[2\] contain no routing token"):
+        route_configs(plan, logits, torch.tensor([0, 0, 1]), 3)
+
+
+def test_bad_configurations_are_clear_errors():
+    model = build(tiny_cfg())
+    inputs = batch(model, [sample(model)])
+    with pytest.raises(ConfigError, match=r"layers \[3\] are not self-attention candidates"):
+        model(**inputs, sa_layers=[1, 3])
+    with pytest.raises(ConfigError, match=r"layers \[9\] are out of range"):
+        model(**inputs, sa_layers=[1, 9])
+    with pytest.raises(ValueError, match="gives 2 configurations for a batch of 1"):
+        model(**inputs, sa_layers=[[1], [1, 2]])
+    no_router = build(tiny_cfg(router=False))
+    with pytest.raises(ValueError, match="has no router"):
+        no_router(**inputs, sa_layers="router")
+    with pytest.raises(ConfigError, match="packing_ratio must be >= 1"):
+        tiny_cfg(packing_ratio=0.5) and visorlib.zoo.instantiate(tiny_cfg(packing_ratio=0.5), "meta")
+    with pytest.raises(ConfigError, match="both cross-attention and self-attention"):
+        visorlib.zoo.instantiate(tiny_cfg(ca_layers=[0, 1]), "meta")
+    with pytest.raises(ConfigError, match="already has a VISOR plan"):
+        visorlib.visorize(model, VisorConfig(sa_layers=[1]))
+
+
+def test_visor_cards_follow_the_paper():
+    cfg = visorlib.get_config("visor-llava-ov-0.5b")
+    plan = visorlib.build("visor-llava-ov-0.5b", device="meta").plan
+    assert plan.sa_layers == [1, 4, 7, 10, 13, 16, 19, 22] and len(plan.ca_layers) == 8
+    assert len(plan.configurations) == 13 and plan.router_layer == 3
+    assert cfg.decoder == visorlib.get_config("llava-ov-0.5b").decoder
+    for name in ("visor-llava-ov-1.5b", "visor-llava-ov-7b"):
+        plan = visorlib.build(name, device="meta").plan
+        assert plan.num_layers == 28 and len(plan.ca_layers) == len(plan.sa_layers) == 9
+
+
+def test_pretrained_dense_weights_plus_fresh_blocks_then_round_trip(tmp_path, monkeypatch):
+    from hf_oracle import save_hf, tiny_hf_model
+
+    hf = tiny_hf_model(tied=False, seed=7)
+    save_hf(hf, tmp_path / "hf")
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    dense = visorlib.from_pretrained(tmp_path / "hf")
+    import yaml
+
+    card = dense.cfg.to_dict() | {"name": "tiny-dense"}
+    (zoo / "tiny-dense.yaml").write_text(yaml.safe_dump(card))
+    (zoo / "tiny-visor.yaml").write_text(yaml.safe_dump(
+        {"name": "tiny-visor", "base": "tiny-dense", "visor": {"ca_layers": [0], "sa_layers": [1, 2]}}))
+    monkeypatch.setenv("VISORLIB_ZOO", str(zoo))
+    visorlib.zoo._cards.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="freshly initialised and untrained"):
+            model = visorlib.build("tiny-visor", pretrained=tmp_path / "hf")
+    finally:
+        visorlib.zoo._cards.cache_clear()
+    assert model.cfg.name == "tiny-visor" and model.plan.ca_layers == [0]
+    assert torch.equal(model.decoder.layers[2].mlp.up_proj.weight, dense.decoder.layers[2].mlp.up_proj.weight)
+    assert torch.equal(model.cross_attention["0"].q_proj.weight, model.decoder.layers[0].self_attn.q_proj.weight)
+    model.save_pretrained(tmp_path / "visor")
+    loaded = visorlib.from_pretrained(tmp_path / "visor")
+    assert loaded.cfg == model.cfg
+    inputs = batch(model, [sample(model, routing=False)])
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs, sa_layers=[1]).logits, model(**inputs, sa_layers=[1]).logits)
+
+
+def test_visorize_by_card_name_checks_the_plan_fits():
+    dense = visorlib.build("llava-ov-0.5b", device="meta")
+    with pytest.warns(UserWarning):
+        model = visorlib.visorize(dense, "visor-llava-ov-0.5b")
+    assert model.plan.describe() == "8CA-7SA"
+    tiny = build(tiny_cfg(sa_layers=None))
+    with pytest.raises(ConfigError, match="out of range"):
+        visorlib.visorize(tiny, "visor-llava-ov-0.5b", warn=False)

@@ -1,0 +1,69 @@
+"""Tiny VISOR models and inputs shared by the VISOR tests."""
+
+from __future__ import annotations
+
+import torch
+
+import visorlib
+from visorlib.processing import LlavaOnevisionProcessor
+
+ROUTING = 252
+
+
+def tiny_cfg(num_layers: int = 6, **visor):
+    """A 6-layer tiny model: CA at 0 and 3, SA candidates 1, 2, 4, a router before layer 2."""
+    spec = dict(ca_layers=[0, 3], sa_layers=[1, 2, 4], configurations=[[1], [1, 2], [1, 4], [1, 2, 4]],
+                router=True, router_hidden=16, routing_token_id=ROUTING)
+    spec.update(visor)
+    cfg = visorlib.get_config("llava-ov-0.5b").tiny().with_overrides({"decoder": {"num_layers": num_layers}})
+    return cfg.with_overrides({"visor": spec}) if spec.get("sa_layers") is not None else cfg
+
+
+def build(cfg, seed: int = 0):
+    torch.manual_seed(seed)
+    model = visorlib.zoo.instantiate(cfg).eval()
+    # Random (not zero) conv and gate values, so tests see the blocks actually doing something.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "pos_embed.conv" in name or name.endswith("gate") or "router" in name:
+                param.normal_(std=0.3)
+    return model
+
+
+def sample(model, size=(60, 90), text_before=3, text_after=5, routing=True, seed=0):
+    """One row: text, an image, a question, optionally a routing token."""
+    g = torch.Generator().manual_seed(seed)
+    n = LlavaOnevisionProcessor(model.cfg).num_image_tokens(size)
+    parts = [torch.randint(0, 200, (text_before,), generator=g), torch.full((n,), model.cfg.tokens.image_token_id),
+             torch.randint(0, 200, (text_after,), generator=g)]
+    if routing:
+        parts.append(torch.tensor([ROUTING]))
+    return torch.cat(parts), size
+
+
+def batch(model, rows, seed=0):
+    """Left-pad rows ``[(ids, size), ...]`` into model inputs."""
+    from visorlib.processing import anyres
+
+    length = max(len(r[0]) for r in rows)
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (row, _) in enumerate(rows):
+        ids[i, length - len(row):], mask[i, length - len(row):] = row, 1
+    pins = model.cfg.processing.pinpoints(model.cfg.vision.image_size)
+    tiles = max(anyres.num_tiles(size, pins, model.cfg.vision.image_size) for _, size in rows)
+    g = torch.Generator().manual_seed(seed)
+    side = model.cfg.vision.image_size
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(len(rows), tiles, 3, side, side, generator=g),
+                image_sizes=torch.tensor([size for _, size in rows]))
+
+
+def row_inputs(inputs, i, model):
+    """Sample ``i`` of a batch, alone and unpadded."""
+    from visorlib.processing import anyres
+
+    keep = inputs["attention_mask"][i].bool()
+    size = inputs["image_sizes"][i].tolist()
+    tiles = anyres.num_tiles(size, model.cfg.processing.pinpoints(model.cfg.vision.image_size), model.cfg.vision.image_size)
+    return dict(input_ids=inputs["input_ids"][i, keep][None], pixel_values=inputs["pixel_values"][i: i + 1, :tiles],
+                image_sizes=inputs["image_sizes"][i: i + 1])
