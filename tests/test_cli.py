@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from PIL import Image
+from visor_helpers import word_tokenizer
 
 import visorlib
 from visorlib.cli import main
@@ -33,24 +34,8 @@ def test_profile_tiny_with_image(tmp_path, capsys):
     assert main(["profile", "llava-ov-0.5b", "--tiny", "--image", str(image), "--json", str(report)]) == 0
     result = json.loads(report.read_text())
     assert result["visual_tokens"] == visorlib.processing.anyres.num_image_tokens((60, 90), [[30 * i, 30 * j] for i in range(1, 7) for j in range(1, 7)], 30, 5, 9)
-    assert result["prefill_seconds"]["total"] > 0 and "random" in result["weights"]
+    assert result["configurations"][0]["llm_seconds"] > 0 and "random" in result["weights"]
     assert "analytic prefill FLOPs" in capsys.readouterr().out
-
-
-def word_tokenizer(folder, cfg):
-    """A word-level tokenizer whose special ids agree with the tiny card."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    specials = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<image>": cfg.tokens.image_token_id,
-                "<video>": cfg.tokens.video_token_id}
-    words = ["user", "assistant", "what", "is", "this", "?", "\n", "[UNK]"] + [f"w{i}" for i in range(200)]
-    vocab = dict(specials)
-    for word in words:
-        vocab.setdefault(word, len(vocab) + 2)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.WhitespaceSplit()])
-    tok.add_special_tokens(list(specials))
-    tok.save(str(folder / "tokenizer.json"))
 
 
 def test_generate_from_a_checkpoint_folder(tmp_path, capsys):

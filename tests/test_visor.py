@@ -227,3 +227,29 @@ def test_visorize_by_card_name_checks_the_plan_fits():
     tiny = build(tiny_cfg(sa_layers=None))
     with pytest.raises(ConfigError, match="out of range"):
         visorlib.visorize(tiny, "visor-llava-ov-0.5b", warn=False)
+
+
+def test_processor_places_a_routing_token_after_each_question(tmp_path):
+    from PIL import Image
+    from visor_helpers import ROUTING, word_tokenizer
+
+    from visorlib.processing import LlavaOnevisionProcessor, Tokenizer
+
+    model = build(tiny_cfg(), seed=3)
+    word_tokenizer(tmp_path, model.cfg)
+    processor = LlavaOnevisionProcessor(model.cfg, Tokenizer.from_file(tmp_path / "tokenizer.json"))
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this ?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "w1 w2"}]},
+        {"role": "user", "content": [{"type": "text", "text": "what is w3 ?"}]},
+    ]
+    inputs = processor.chat(messages, images=[Image.new("RGB", (90, 60), (30, 60, 90))])
+    ids = inputs["input_ids"][0].tolist()
+    im_end = processor.tokenizer.token_to_id("<|im_end|>")
+    routes = [i for i, t in enumerate(ids) if t == ROUTING]
+    assert len(routes) == 2 and all(ids[i + 1] == im_end for i in routes)
+    with torch.no_grad():
+        out = model(**inputs, sa_layers="router")
+    assert out.router_logits.shape[0] == 2 and out.sa_layers[0] in model.plan.configurations
+    plain = LlavaOnevisionProcessor(tiny_cfg(router=False), processor.tokenizer).chat(messages, images=[Image.new("RGB", (90, 60))])
+    assert ROUTING not in plain["input_ids"][0].tolist()

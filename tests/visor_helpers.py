@@ -67,3 +67,19 @@ def row_inputs(inputs, i, model):
     tiles = anyres.num_tiles(size, model.cfg.processing.pinpoints(model.cfg.vision.image_size), model.cfg.vision.image_size)
     return dict(input_ids=inputs["input_ids"][i, keep][None], pixel_values=inputs["pixel_values"][i: i + 1, :tiles],
                 image_sizes=inputs["image_sizes"][i: i + 1])
+
+
+def word_tokenizer(folder, cfg):
+    """A word-level tokenizer whose special ids agree with the tiny card."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<image>": cfg.tokens.image_token_id,
+                "<video>": cfg.tokens.video_token_id}
+    words = ["user", "assistant", "what", "is", "this", "?", "\n", "[UNK]"] + [f"w{i}" for i in range(200)]
+    vocab = dict(specials)
+    for word in words:
+        vocab.setdefault(word, len(vocab) + 2)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.WhitespaceSplit()])
+    tok.add_special_tokens(list(specials))
+    tok.save(str(folder / "tokenizer.json"))

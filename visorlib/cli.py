@@ -19,6 +19,7 @@ import torch
 from . import zoo
 from .flops import flops
 from .processing import anyres
+from .profiling import human
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,13 +37,6 @@ def parameter_breakdown(model: torch.nn.Module) -> dict[str, int]:
     }
     parts["total"] = sum(parts.values())
     return parts
-
-
-def _fmt(n: float, unit: str = "") -> str:
-    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {suffix}{unit}"
-    return f"{n:.0f} {unit}".rstrip()
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -64,7 +58,7 @@ def cmd_info(args: argparse.Namespace) -> None:
           f"vocab {d.vocab_size}, {'tied' if d.tie_word_embeddings else 'untied'} head")
     print("  parameters")
     for part, count in parameter_breakdown(model).items():
-        print(f"    {part:16s} {count:>15,d}  ({_fmt(count)})")
+        print(f"    {part:16s} {count:>15,d}  ({human(count)})")
 
 
 def default_profile_image():
@@ -83,35 +77,37 @@ def cmd_profile(args: argparse.Namespace) -> None:
     from PIL import Image
 
     from .processing import LlavaOnevisionProcessor, preprocess_images
+    from .profiling import format_table, plot_flops_vs_visual_tokens, profile_configurations
 
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = zoo.get_config(args.name)
     if args.tiny:
         cfg = cfg.tiny()
+    if args.plot:
+        print(f"wrote {plot_flops_vs_visual_tokens(cfg, args.plot)}")
     if args.image:
         image, label = Image.open(args.image).convert("RGB"), args.image
     else:
         image, label = default_profile_image(), "embedded 384x384 default image"
     dtype = DTYPES[args.dtype]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 - progress goes to stderr
-    log(f"building {cfg.name} at {'TINY' if args.tiny else 'real'} size with RANDOM weights (no checkpoint; outputs are meaningless, "
-        "timings and counts are real)...")
+    log(f"building {cfg.name} at {'TINY' if args.tiny else 'real'} size with RANDOM weights (no checkpoint; "
+        "outputs are meaningless, timings and counts are real)...")
     started = time.perf_counter()
-    model = zoo.instantiate(cfg, dtype=dtype).eval()
+    model = zoo.instantiate(cfg, device=args.device, dtype=dtype).eval()
     build_s = time.perf_counter() - started
-    vision = preprocess_images([image], cfg)
+    vision = {k: v.to(args.device) for k, v in preprocess_images([image], cfg).items()}
     size = vision["image_sizes"][0].tolist()
-    pins = cfg.processing.pinpoints(cfg.vision.image_size)
     n_visual = LlavaOnevisionProcessor(cfg).num_image_tokens(size)
-    tiles = anyres.num_tiles(size, pins, cfg.vision.image_size)
+    tiles = anyres.num_tiles(size, cfg.processing.pinpoints(cfg.vision.image_size), cfg.vision.image_size)
     n_text = args.text_tokens
     # Ordinary text ids only: stay below every special id (placeholders, routing token).
     vocab = min(1000, cfg.decoder.vocab_size, cfg.tokens.image_token_id, cfg.tokens.video_token_id)
     ids = torch.cat([torch.randint(0, vocab, (1, n_text // 2)), torch.full((1, n_visual), cfg.tokens.image_token_id),
-                     torch.randint(0, vocab, (1, n_text - n_text // 2))], 1)
+                     torch.randint(0, vocab, (1, n_text - n_text // 2))], 1).to(args.device)
     report = flops(cfg, n_visual=n_visual, n_text=n_text, tiles=tiles)
-    timings = _timed_prefill(model, ids, vision, args.repeats, log)
+    table = profile_configurations(model, ids, vision, tiles, args.repeats, log=log)
     result = {
         "model": cfg.name,
         "weights": f"random ({'tiny test-size' if args.tiny else 'real-size'} architecture, no checkpoint)",
@@ -120,73 +116,36 @@ def cmd_profile(args: argparse.Namespace) -> None:
         "tiles": tiles,
         "visual_tokens": n_visual,
         "text_tokens": n_text,
+        "device": str(args.device),
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "parameters": parameter_breakdown(model),
-        "prefill_flops": {**report.components, "total": report.total},
+        "prefill_flops_default_configuration": {**report.components, "total": report.total},
         "kv_cache_bytes_bf16": report.kv_cache_bytes,
         "build_seconds": round(build_s, 2),
-        "prefill_seconds": timings,
+        "vision_seconds": round(table["vision_seconds"], 3),
+        "configurations": table["rows"],
     }
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
-    _print_profile(result)
+    _print_profile(result, format_table(table))
 
 
-def _timed_prefill(model, ids, vision, repeats: int, log) -> dict[str, float]:
-    """Wall-clock seconds of a prefill, split into vision (tower + projector) and language model."""
-    marks: dict[str, float] = {}
-
-    def stamp(name):
-        return lambda *_: marks.__setitem__(name, time.perf_counter())
-
-    hooks = [
-        model.vision_tower.register_forward_pre_hook(stamp("vision_start")),
-        model.projector.register_forward_hook(stamp("vision_end")),
-        model.decoder.layers[0].register_forward_pre_hook(stamp("decoder_start")),
-        model.decoder.layers[-1].register_forward_hook(stamp("decoder_end")),
-    ]
-    layers = model.decoder.layers
-    for index, layer in enumerate(layers):
-        hooks.append(layer.register_forward_hook(
-            lambda *_, i=index: log(f"  decoder layer {i + 1}/{len(layers)}") if (i + 1) % 6 == 0 else None))
-    best: dict[str, float] = {}
-    try:
-        for run in range(repeats):
-            log(f"prefill run {run + 1}/{repeats}: vision tower...")
-            start = time.perf_counter()
-            with torch.inference_mode():
-                model(ids, pixel_values=vision["pixel_values"], image_sizes=vision["image_sizes"], logits_to_keep=1)
-            total = time.perf_counter() - start
-            current = {
-                "vision": marks["vision_end"] - marks["vision_start"],
-                "language_model": marks["decoder_end"] - marks["decoder_start"],
-                "total": total,
-            }
-            if not best or current["total"] < best["total"]:
-                best = current
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return {k: round(v, 3) for k, v in best.items()}
-
-
-def _print_profile(r: dict) -> None:
+def _print_profile(r: dict, table: str) -> None:
     print(f"\n{r['model']} -- {r['weights']}")
     print(f"input: {r['image']} {r['image_size_hw'][0]}x{r['image_size_hw'][1]} -> {r['tiles']} tiles, "
           f"{r['visual_tokens']} visual tokens + {r['text_tokens']} text tokens")
     print("\nparameters")
     for part, count in r["parameters"].items():
-        print(f"  {part:16s} {count:>15,d}  ({_fmt(count)})")
-    print("\nanalytic prefill FLOPs")
-    total = r["prefill_flops"]["total"]
-    for part, value in r["prefill_flops"].items():
-        print(f"  {part:16s} {_fmt(value, 'FLOP'):>14s}  {100 * value / total:5.1f} %")
-    print(f"KV cache after prefill (bf16): {_fmt(r['kv_cache_bytes_bf16'], 'B')}")
-    t = r["prefill_seconds"]
-    print(f"\nmeasured prefill ({r['dtype']}, {r['threads']} threads, best of runs): vision {t['vision']:.2f} s, "
-          f"language model {t['language_model']:.2f} s, total {t['total']:.2f} s "
-          f"({total / t['total'] / 1e9:.1f} GFLOP/s)")
+        print(f"  {part:16s} {count:>15,d}  ({human(count)})")
+    print("\nanalytic prefill FLOPs (default configuration)")
+    flops_ = r["prefill_flops_default_configuration"]
+    for part, value in flops_.items():
+        print(f"  {part:30s} {human(value, 'FLOP'):>14s}  {100 * value / flops_['total']:5.1f} %")
+    print(f"KV cache after prefill (bf16): {human(r['kv_cache_bytes_bf16'], 'B')}")
+    print(f"\nmeasured on {r['device']} ({r['dtype']}, {r['threads']} threads): vision tower + projector "
+          f"{r['vision_seconds']:.2f} s; language-model prefill per configuration:\n")
+    print(table)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -234,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--tiny", action="store_true", help="use the card's tiny test-size variant (smoke test)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--plot", help="also save the FLOPs-vs-visual-tokens plot here (needs matplotlib)")
     p.set_defaults(func=cmd_profile)
     return parser
 

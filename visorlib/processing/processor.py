@@ -33,6 +33,8 @@ from .chat import IMAGE_TOKEN, VIDEO_TOKEN, apply_chat_template, media_in_messag
 from .image import preprocess_images, preprocess_video
 from .tokenizer import Tokenizer
 
+ROUTE_TOKEN = "<route>"
+_USER_TURN_END = re.compile(r"(<\|im_start\|>user.*?)(<\|im_end\|>)", re.DOTALL)
 _PLACEHOLDER = re.compile(f"({re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})")
 
 
@@ -225,13 +227,28 @@ class LlavaOnevisionProcessor:
             raise ValueError("this processor has no tokenizer; build it with one to process text")
         counts = {IMAGE_TOKEN: iter(image_counts), VIDEO_TOKEN: iter(video_counts)}
         expanded = [_PLACEHOLDER.sub(lambda m: m.group(0) * next(counts[m.group(0)]), t) for t in texts]
-        ids = self.tokenizer.encode_batch(expanded)
+        ids = [self._encode_with_routing(t) for t in expanded]
         # The expansion only works if the tokenizer keeps each placeholder as one special token.
         wanted = {self.cfg.tokens.image_token_id: sum(image_counts), self.cfg.tokens.video_token_id: sum(video_counts)}
         for token_id, total in wanted.items():
             found = sum(row.count(token_id) for row in ids)
             if found != total:
                 raise ValueError(f"expected {total} tokens of id {token_id} after tokenizing, found {found}")
+        return ids
+
+    def _encode_with_routing(self, text: str) -> list[int]:
+        """Encode ``text``; with a router, each ``<route>`` marker becomes the routing token id.
+
+        The routing token has no vocabulary entry (the router owns its embedding), so the marker
+        is cut out of the text and its id spliced in between the encoded pieces.
+        """
+        visor = self.cfg.visor
+        if visor is None or not visor.router or ROUTE_TOKEN not in text:
+            return self.tokenizer.encode(text)
+        pieces = text.split(ROUTE_TOKEN)
+        ids = self.tokenizer.encode(pieces[0])
+        for piece in pieces[1:]:
+            ids += [visor.routing_token_id] + (self.tokenizer.encode(piece) if piece else [])
         return ids
 
     def _pad(self, ids: list[list[int]], padding_side: str, return_tensors: str | None) -> dict[str, Any]:
@@ -277,6 +294,9 @@ class LlavaOnevisionProcessor:
             **kwargs: ``padding_side`` / ``return_tensors`` for :meth:`__call__`.
         """
         prompt = apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        if self.cfg.visor is not None and self.cfg.visor.router:
+            # The router reads a routing token placed after every question (paper §4.3).
+            prompt = _USER_TURN_END.sub(lambda m: m.group(1) + ROUTE_TOKEN + m.group(2), prompt)
         embedded_images, embedded_videos = media_in_messages(messages)
         if images is None and embedded_images and all(x is not None for x in embedded_images):
             images = embedded_images

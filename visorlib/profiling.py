@@ -1,0 +1,177 @@
+"""Measured and analytic cost of a model on one input: the engine of ``visorlib profile``.
+
+The vision tower runs once; the language model is then timed under every configuration of the
+model's layer plan (and under the dense plan, on the same weights), next to the analytic FLOPs
+and KV-cache bytes of :mod:`visorlib.flops`. Timings are wall-clock seconds on whatever device
+the model is on (CUDA is synchronised), best of ``repeats``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from .blocks.plan import LayerPlan
+from .flops import flops
+from .models.executor import PlanExecutor
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Best wall-clock seconds of ``fn`` over ``repeats`` runs."""
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@torch.inference_mode()
+def profile_configurations(
+    model,
+    input_ids: torch.Tensor,
+    vision_inputs: dict,
+    tiles: int,
+    repeats: int = 1,
+    configurations: Sequence[Sequence[int]] | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict:
+    """Vision time once, then language-model time and cost for dense and each configuration.
+
+    Args:
+        model: A visorlib model.
+        input_ids: ``[1, L]`` prompt with expanded visual placeholders.
+        vision_inputs: ``pixel_values``, ``image_sizes`` ... for :meth:`embed`.
+        tiles: Tiles through the vision tower (for the FLOP count).
+        repeats: Timed runs per row (the best is kept).
+        configurations: Rows to measure; default: every configuration of the plan.
+        log: Progress callback.
+
+    Returns:
+        ``{"vision_seconds", "visual_tokens", "text_tokens", "rows": [...]}``; each row holds the
+        configuration, analytic language-model FLOPs, KV-cache bytes (bf16), decode-step FLOPs,
+        measured seconds and the ratios to the dense row.
+    """
+    device = input_ids.device
+    log("vision tower + projector ...")
+    vision_seconds = best_time(lambda: model.embed(input_ids, **vision_inputs), repeats, device)
+    embeds, visual_mask, segments = model.embed(input_ids, **vision_inputs)
+    n_visual = int(visual_mask.sum())
+    n_text = input_ids.shape[1] - n_visual
+    positions = torch.arange(input_ids.shape[1], device=device)[None]
+    mask = torch.ones_like(input_ids)
+    plan = model.plan
+    rows = [("dense", LayerPlan(plan.num_layers), None)]
+    if not plan.dense:
+        for config in configurations or plan.configurations:
+            rows.append((plan.describe(config) + " " + str(list(config)), plan, list(config)))
+    results = []
+    warmed = False
+    for label, row_plan, config in rows:
+        executes = torch.zeros(1, plan.num_layers, dtype=torch.bool, device=device)
+        executes[0, config if config is not None else list(range(plan.num_layers))] = True
+        executor = PlanExecutor(model.decoder, row_plan, model.cross_attention, model.cfg.attn_implementation)
+
+        def run(executor=executor, executes=executes):
+            hidden = executor.run(embeds, positions, mask, visual_mask, segments, executes)
+            return model.decoder.logits(hidden[:, -1:])
+
+        if not warmed:  # first calls pay for allocator growth and kernel selection
+            run()
+            warmed = True
+        log(f"language model, {label} ...")
+        seconds = best_time(run, repeats, device)
+        report = flops(model.cfg if config is not None else _dense_cfg(model.cfg), n_visual, n_text, tiles,
+                       sa_layers=config)
+        results.append({
+            "configuration": label,
+            "sa_layers": config,
+            "llm_flops": report.language_model,
+            "kv_cache_bytes_bf16": report.kv_cache_bytes,
+            "decode_step_flops": report.decode_step,
+            "llm_seconds": seconds,
+        })
+    dense = results[0]
+    for row in results:
+        row["flop_saving"] = dense["llm_flops"] / row["llm_flops"]
+        row["kv_saving"] = dense["kv_cache_bytes_bf16"] / row["kv_cache_bytes_bf16"]
+        row["speedup"] = dense["llm_seconds"] / row["llm_seconds"]
+    return {"vision_seconds": vision_seconds, "visual_tokens": n_visual, "text_tokens": n_text, "rows": results}
+
+
+def _dense_cfg(cfg):
+    import dataclasses
+
+    return dataclasses.replace(cfg, visor=None)
+
+
+def human(n: float, unit: str = "") -> str:
+    """``1.23 G``-style rendering of a count."""
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}".rstrip()
+
+
+def format_table(profile: dict) -> str:
+    """The rows of :func:`profile_configurations` as an aligned text table."""
+    head = f"{'configuration':40s} {'LLM FLOPs':>12s} {'saving':>7s} {'KV (bf16)':>10s} {'KV saving':>9s} " \
+           f"{'LLM time':>9s} {'speedup':>8s}"
+    lines = [head, "-" * len(head)]
+    for row in profile["rows"]:
+        lines.append(
+            f"{row['configuration'][:40]:40s} {human(row['llm_flops'], 'FLOP'):>12s} {row['flop_saving']:6.2f}x "
+            f"{human(row['kv_cache_bytes_bf16'], 'B'):>10s} {row['kv_saving']:8.2f}x "
+            f"{row['llm_seconds']:8.3f}s {row['speedup']:7.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def plot_flops_vs_visual_tokens(
+    cfg,
+    path: str | Path,
+    configurations: Sequence[Sequence[int]] | None = None,
+    n_text: int = 64,
+    lengths: Sequence[int] = tuple(range(500, 10001, 500)),
+) -> Path:
+    """Language-model FLOPs against visual sequence length (paper Fig. 10), saved as an image.
+
+    Needs matplotlib (``pip install visorlib[plot]``).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise RuntimeError("plotting needs matplotlib: pip install 'visorlib[plot]'") from err
+    plan = LayerPlan(cfg.decoder.num_layers, cfg.visor)
+    if configurations is None and not plan.dense:
+        ordered = sorted(plan.configurations, key=len)
+        configurations = [ordered[0], ordered[len(ordered) // 2], ordered[-1]]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    dense_cfg = _dense_cfg(cfg)
+    ax.plot(lengths, [flops(dense_cfg, n, n_text).language_model / 1e12 for n in lengths], "k-", lw=2, label="dense")
+    for config in configurations or []:
+        values = [flops(cfg, n, n_text, sa_layers=list(config)).language_model / 1e12 for n in lengths]
+        ax.plot(lengths, values, lw=1.5, label=f"{plan.describe(config)} {list(config)}")
+    ax.set_xlabel("visual tokens")
+    ax.set_ylabel("language-model prefill TFLOPs")
+    ax.set_title(f"{cfg.name}: FLOPs vs visual sequence length ({n_text} text tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
