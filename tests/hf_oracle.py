@@ -76,3 +76,13 @@ def save_hf(model, folder: Path, layout: str = "v5-save") -> Path:
         renamed[key] = value
     save_file(renamed, file, metadata={"format": "pt"})
     return folder
+
+
+def left_pad(rows, pad: int = 0):
+    """Left-pad 1-D id tensors into ``(input_ids, attention_mask)`` ``[B, L]``."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, length - len(row):], mask[i, length - len(row):] = row, 1
+    return ids, mask

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_oracle import IMAGE_TOKEN, TILE, VIDEO_TOKEN, save_hf, tiny_hf_model
+from hf_oracle import IMAGE_TOKEN, TILE, VIDEO_TOKEN, left_pad, save_hf, tiny_hf_model
 
 import visorlib
 from visorlib.processing import anyres
@@ -88,11 +88,8 @@ def test_left_padded_batch(pair):
     hf, ours = pair
     sizes = [(60, 90), (45, 200)]
     rows = [prompt(3, (IMAGE_TOKEN, image_tokens(sizes[0])), 9)[0], prompt(1, (IMAGE_TOKEN, image_tokens(sizes[1])), 2)[0]]
-    length = max(len(r) for r in rows)
-    ids = torch.zeros(2, length, dtype=torch.long)
-    mask = torch.zeros(2, length, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, length - len(row):], mask[i, length - len(row):] = row, 1
+    ids, mask = left_pad(rows)
+    length = ids.shape[1]
     tiles = max(anyres.num_tiles(s, ours.cfg.processing.pinpoints(TILE), TILE) for s in sizes)
     # Explicit padding-aware positions: transformers' forward (unlike its generate) would
     # otherwise count padding; visorlib derives the same positions from the mask on its own.
@@ -136,11 +133,8 @@ def test_greedy_generation_matches(pair):
     hf, ours = pair
     sizes = [(60, 90), (45, 200)]
     rows = [prompt(3, (IMAGE_TOKEN, image_tokens(sizes[0])), 4)[0], prompt(2, (IMAGE_TOKEN, image_tokens(sizes[1])), 1)[0]]
-    length = max(len(r) for r in rows)
-    ids = torch.zeros(2, length, dtype=torch.long)
-    mask = torch.zeros(2, length, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, length - len(row):], mask[i, length - len(row):] = row, 1
+    ids, mask = left_pad(rows)
+    length = ids.shape[1]
     inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 13, 3, TILE, TILE),
                   image_sizes=torch.tensor(sizes))
     expected = hf.generate(**inputs, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from hf_oracle import left_pad
 
 import visorlib
 from visorlib.processing import LlavaOnevisionProcessor
@@ -45,11 +46,7 @@ def batch(model, rows, seed=0):
     """Left-pad rows ``[(ids, size), ...]`` into model inputs."""
     from visorlib.processing import anyres
 
-    length = max(len(r[0]) for r in rows)
-    ids = torch.zeros(len(rows), length, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, (row, _) in enumerate(rows):
-        ids[i, length - len(row):], mask[i, length - len(row):] = row, 1
+    ids, mask = left_pad([row for row, _ in rows])
     pins = model.cfg.processing.pinpoints(model.cfg.vision.image_size)
     tiles = max(anyres.num_tiles(size, pins, model.cfg.vision.image_size) for _, size in rows)
     g = torch.Generator().manual_seed(seed)

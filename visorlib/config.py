@@ -224,15 +224,8 @@ class ModelConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ModelConfig:
-        """Read a zoo card."""
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a model card must be a mapping, got {type(data).__name__}")
-        return cls.from_dict(data, str(path))
+        """Read a self-contained zoo card (no ``base:``; use :func:`visorlib.get_config` for those)."""
+        return cls.from_dict(read_yaml_mapping(path), str(path))
 
     def tiny(self) -> ModelConfig:
         """The same architecture at test size (hidden 64, 30-px tiles, 256-token vocab).
@@ -259,6 +252,18 @@ class ModelConfig:
     def with_overrides(self, overrides: dict[str, Any], source: str = "overrides") -> ModelConfig:
         """A copy with nested ``overrides`` merged in, validated like a card."""
         return self.from_dict(merge_nested(self.to_dict(), overrides, source), source)
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """``yaml.safe_load`` a file that must hold a mapping; errors name the file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must hold a mapping, got {type(data).__name__}")
+    return data
 
 
 def packed_grid_size(grid: int, ratio: float) -> int:

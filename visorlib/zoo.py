@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
-from .config import ConfigError, ModelConfig, merge_nested
+from .config import ConfigError, ModelConfig, merge_nested, read_yaml_mapping
 from .convert import config_from_hf, convert_llava_onevision_state
 from .hub import (
     VISORLIB_CONFIG,
@@ -70,12 +69,7 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
 def _card_dict(name: str, cards: dict[str, Path], chain: tuple[str, ...]) -> dict[str, Any]:
     """A card as a dict, with ``base: other-card`` resolved (the card's keys override the base's)."""
     path = cards[name]
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a model card must be a mapping, got {type(data).__name__}")
+    data = read_yaml_mapping(path)
     base = data.pop("base", None)
     if base is None:
         return data

@@ -3,7 +3,8 @@
 ``docs/zoo.md`` holds the markers ``<!-- zoo-table -->`` and ``<!-- zoo-params -->``; this hook
 replaces them with Markdown tables built from :func:`visorlib.list_models`,
 :func:`visorlib.get_config` and :func:`visorlib.build` on the ``meta`` device (shapes only: no
-memory, no download), so the page can never disagree with the cards. A card that fails to parse
+memory, no download), so the page can never disagree with the cards. The ``base:`` a card
+inherits from is read from its YAML; the VISOR plan column comes from ``model.plan``. A card that fails to parse
 or build fails the docs build.
 
 Registered in ``mkdocs.yml`` under ``hooks:``.
@@ -34,6 +35,32 @@ def _count(module) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 
+def _base(name: str) -> str | None:
+    """The ``base:`` card a card inherits from, read from its YAML (None if it has none)."""
+    import yaml
+    from visorlib.zoo import zoo_dir
+
+    data = yaml.safe_load((zoo_dir() / f"{name}.yaml").read_text())
+    return data.get("base") if isinstance(data, dict) else None
+
+
+def _plan(model) -> str:
+    """One cell describing the card's VISOR layer plan ("dense" without one)."""
+    plan = model.plan
+    if plan.dense:
+        return "dense"
+    visor = model.cfg.visor
+    parts = [
+        f"{len(plan.ca_layers)} CA + {len(plan.sa_layers)} SA candidates",
+        f"{len(plan.configurations)} configurations, default {plan.describe()}",
+    ]
+    if visor.router:
+        parts.append(f"router after layer {plan.router_layer}")
+    if visor.packing_ratio > 1:
+        parts.append(f"VISOR-TR packing {visor.packing_ratio:g}×")
+    return "<br>".join(parts)
+
+
 @functools.lru_cache(maxsize=1)
 def _rows() -> tuple[list[str], list[str]]:
     """(zoo table rows, parameter table rows), computed once per build."""
@@ -50,30 +77,36 @@ def _rows() -> tuple[list[str], list[str]]:
             f"({decoder.num_kv_heads} KV), {'tied' if decoder.tie_word_embeddings else 'untied'} head"
         )
         hub = f"[`{cfg.hub_id}`](https://huggingface.co/{cfg.hub_id})" if cfg.hub_id else "–"
+        if cfg.hub_id and cfg.visor is not None:
+            hub += "<br>(dense weights; VISOR blocks untrained)"
+        base = _base(name)
+        title = f"`{name}`" + (f"<br>base: `{base}`" if base else "")
         zoo.append(
-            f"| `{name}` | {_cell(cfg.description)} | {_cell(backbones)} | "
-            f"{vision.num_layers} / {decoder.num_layers} | {_billions(_count(model))} | {hub} |"
+            f"| {title} | {_cell(cfg.description)} | {_cell(backbones)} | "
+            f"{vision.num_layers} / {decoder.num_layers} | {_plan(model)} | {_billions(_count(model))} | {hub} |"
         )
         newline = 0 if getattr(model, "image_newline", None) is None else model.image_newline.numel()
+        blocks = _count(getattr(model, "cross_attention", None)) + _count(getattr(model, "router", None))
         params.append(
             f"| `{name}` | {_millions(_count(model.vision_tower))} | {_millions(_count(model.projector))} | "
-            f"{_millions(_count(model.decoder))} | {newline:,} | {_count(model):,} |"
+            f"{_millions(_count(model.decoder))} | {_millions(blocks) if blocks else '–'} | {newline:,} | "
+            f"{_count(model):,} |"
         )
     return zoo, params
 
 
 def _zoo_table() -> str:
     header = [
-        "| Name | Description | Vision / decoder | Layers (vision / decoder) | Parameters | Hub id |",
-        "|---|---|---|---|---|---|",
+        "| Name | Description | Vision / decoder | Layers (vision / decoder) | VISOR plan | Parameters | Hub id |",
+        "|---|---|---|---|---|---|---|",
     ]
     return "\n".join(header + _rows()[0])
 
 
 def _params_table() -> str:
     header = [
-        "| Name | Vision tower | Projector | Decoder (embeddings and head included) | `image_newline` | Total |",
-        "|---|---|---|---|---|---|",
+        "| Name | Vision tower | Projector | Decoder (embeddings and head included) | VISOR blocks | `image_newline` | Total |",
+        "|---|---|---|---|---|---|---|",
     ]
     return "\n".join(header + _rows()[1])
 
