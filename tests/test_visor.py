@@ -204,7 +204,7 @@ def test_pretrained_dense_weights_plus_fresh_blocks_then_round_trip(tmp_path, mo
     monkeypatch.setenv("VISORLIB_ZOO", str(zoo))
     visorlib.zoo._cards.cache_clear()
     try:
-        with pytest.warns(UserWarning, match="freshly initialised and untrained"):
+        with pytest.warns(UserWarning, match="dense weights of .*freshly initialised and untrained"):
             model = visorlib.build("tiny-visor", pretrained=tmp_path / "hf")
     finally:
         visorlib.zoo._cards.cache_clear()
@@ -253,3 +253,27 @@ def test_processor_places_a_routing_token_after_each_question(tmp_path):
     assert out.router_logits.shape[0] == 2 and out.sa_layers[0] in model.plan.configurations
     plain = LlavaOnevisionProcessor(tiny_cfg(router=False), processor.tokenizer).chat(messages, images=[Image.new("RGB", (90, 60))])
     assert ROUTING not in plain["input_ids"][0].tolist()
+
+
+def test_training_loss_skips_visual_positions_and_the_token_after_them():
+    model = build(tiny_cfg(router=False))
+    inputs = batch(model, [sample(model, routing=False)])
+    ids = inputs["input_ids"]
+    visual = ids == model.cfg.tokens.image_token_id
+    first_after = int(visual[0].nonzero().max()) + 1
+    labels = ids.clone()
+    out = model(**inputs, labels=labels, sa_layers=[1])
+    # Reference: cross-entropy over text targets whose previous position is text.
+    logits = out.logits[0, :-1]
+    targets = labels[0, 1:].clone()
+    targets[visual[0, 1:] | visual[0, :-1]] = -100
+    expected = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100)
+    assert torch.isclose(out.loss, expected) and targets[first_after - 1] == -100
+
+
+def test_generation_never_emits_the_routing_token():
+    model = build(tiny_cfg(), seed=1)
+    with torch.no_grad():
+        model.decoder.embed_tokens.weight[252] = 50.0  # make the routing id the argmax everywhere (tied head)
+    out = model.generate(**batch(model, [sample(model)]), max_new_tokens=5, eos_token_id=[])
+    assert 252 not in out[0, -5:].tolist()

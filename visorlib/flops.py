@@ -136,7 +136,8 @@ def prefill_flops(
     report = FlopReport(n_visual=n_visual, n_text=n_text)
     report.components["vision_tower"] = vision_tower_flops(cfg.vision, tiles)
     packed = cfg.feature_grid_size**2
-    width = cfg.vision.hidden_size * (4 if packed != cfg.vision.tokens_per_tile else 1)
+    packing = cfg.visor is not None and cfg.visor.packing_ratio > 1
+    width = cfg.vision.hidden_size * (4 if packing else 1)
     report.components["projector"] = linear_flops(tiles * packed, width, dec.hidden_size) + linear_flops(
         tiles * packed, dec.hidden_size, dec.hidden_size
     )

@@ -81,9 +81,14 @@ class GenerationMixin:
         logits = self(
             input_ids, attention_mask, cache=cache, logits_to_keep=1, sa_layers=sa_layers, **vision_inputs
         ).logits[:, -1]
+        # Ids the model may read but must never write (the router's routing token).
+        suppressed = [self.cfg.visor.routing_token_id] if self.cfg.visor is not None and self.cfg.visor.router else []
+        suppressed = [i for i in suppressed if i < logits.shape[-1]]
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         generated = []
         for _ in range(max_new_tokens):
+            if suppressed:
+                logits = logits.index_fill(-1, torch.tensor(suppressed, device=logits.device), float("-inf"))
             if do_sample:
                 probs = filter_logits(logits.float(), temperature, top_k, top_p).softmax(-1)
                 step = torch.multinomial(probs, 1, generator=generator).squeeze(-1)

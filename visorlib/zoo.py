@@ -131,7 +131,12 @@ def build(
 
         model = instantiate(dataclasses.replace(cfg, visor=None), "meta", dtype)
         load_weights(model, folder)
-        model = visorize(model.to(device or "cpu"), cfg.visor)
+        model = visorize(model.to(device or "cpu"), cfg.visor, warn=False)
+        warnings.warn(
+            f"{name}: loaded the dense weights of {source}; the VISOR blocks (cross-attention, router, "
+            "packing projector) are freshly initialised and untrained: fine-tune before trusting its answers",
+            stacklevel=2,
+        )
     else:
         model = instantiate(cfg, "meta", dtype)
         load_weights(model, folder)

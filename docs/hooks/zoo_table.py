@@ -38,6 +38,7 @@ def _count(module) -> int:
 def _base(name: str) -> str | None:
     """The ``base:`` card a card inherits from, read from its YAML (None if it has none)."""
     import yaml
+
     from visorlib.zoo import zoo_dir
 
     data = yaml.safe_load((zoo_dir() / f"{name}.yaml").read_text())

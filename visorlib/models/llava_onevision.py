@@ -293,7 +293,10 @@ class LlavaOnevision(VisorMixin, GenerationMixin, PretrainedMixin, nn.Module):
         if labels is not None:
             labels = labels.to(logits.device)
             if not self.plan.dense:
-                labels = labels.masked_fill(visual_mask, -100)  # visual positions predict nothing
+                # Under a VISOR plan the LM head reads text positions only: a visual token is never a
+                # target, and the token after a visual one has no prediction (its logits are zero).
+                after_visual = torch.cat([torch.zeros_like(visual_mask[:, :1]), visual_mask[:, :-1]], dim=1)
+                labels = labels.masked_fill(visual_mask | after_visual, -100)
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return ModelOutput(logits=logits, loss=loss, cache=cache, sa_layers=configs, router_logits=router_logits)
 
