@@ -194,10 +194,9 @@ class _State:
     def cross_mask(self):
         def make():
             lay = self.layout
-            text_pos = gather_tokens(self.positions, lay.text_index)
-            visual_pos = gather_tokens(self.positions, lay.visual_index)
-            # A text token reads the visual tokens of the images that came before it.
-            mask = (visual_pos[:, None, :] < text_pos[:, :, None]) & lay.visual_valid[:, None, :]
+            # A text token reads the visual tokens of the images that came before it in the
+            # sequence. Sequence order, not rotary positions: under M-RoPE the two differ.
+            mask = (lay.visual_index[:, None, :] < lay.text_index[:, :, None]) & lay.visual_valid[:, None, :]
             return mask[:, None]
 
         return self._memo("cross_mask", make)
