@@ -6,39 +6,45 @@ import copy
 
 import pytest
 import torch
-from visor_helpers import batch, build, row_inputs, sample, tiny_cfg
+from visor_helpers import CASES, batch, build, sample, tiny_cfg
 
 import visorlib
 from visorlib.config import ConfigError, VisorConfig
 
 
-def text_positions(model, inputs):
+@pytest.fixture(params=CASES, ids=[c.name for c in CASES])
+def case(request):
+    """The model family under test: every invariant below must hold for each backbone."""
+    return request.param
+
+
+def text_positions(case, model, inputs):
     ids = inputs["input_ids"]
     mask = inputs.get("attention_mask", torch.ones_like(ids)).bool()
-    return mask & (ids != model.cfg.tokens.image_token_id)
+    return mask & ~case.visual_mask(model, inputs)
 
 
-def test_all_self_attention_plan_is_the_dense_model():
-    dense = build(tiny_cfg(sa_layers=None))
+def test_all_self_attention_plan_is_the_dense_model(case):
+    dense = build(case.tiny_cfg(sa_layers=None))
     visor = visorlib.visorize(copy.deepcopy(dense), {"sa_layers": list(range(6))}, warn=False)
-    inputs = batch(dense, [sample(dense, routing=False), sample(dense, (45, 200), 1, 2, routing=False, seed=1)])
+    inputs = case.batch(dense, [case.sample(dense, 0, routing=False), case.sample(dense, 1, routing=False, seed=1)])
     with torch.no_grad():
         expected, got = dense(**inputs).logits, visor(**inputs).logits
-    text = text_positions(dense, inputs)
+    text = text_positions(case, dense, inputs)
     assert torch.equal(got[text], expected[text])
     assert (got[~text & inputs["attention_mask"].bool()] == 0).all()  # visual positions predict nothing
 
 
-def test_text_ignores_the_image_without_cross_or_self_attention():
-    model = build(tiny_cfg(ca_layers=[], router=False, configurations=[]))
-    inputs = batch(model, [sample(model, routing=False)])
-    other = dict(inputs, pixel_values=torch.randn_like(inputs["pixel_values"]))
-    text = text_positions(model, inputs)
+def test_text_ignores_the_image_without_cross_or_self_attention(case):
+    model = build(case.tiny_cfg(ca_layers=[], router=False, configurations=[]))
+    inputs = case.batch(model, [case.sample(model, 0, routing=False)])
+    other = case.other_pixels(inputs)
+    text = text_positions(case, model, inputs)
     with torch.no_grad():
         a, b = model(**inputs, sa_layers=[]).logits, model(**other, sa_layers=[]).logits
         assert torch.equal(a[text], b[text])
         assert not torch.allclose(model(**inputs).logits[text], model(**other).logits[text])
-    with_ca = build(tiny_cfg(router=False))
+    with_ca = build(case.tiny_cfg(router=False))
     with torch.no_grad():
         a, b = with_ca(**inputs, sa_layers=[]).logits, with_ca(**other, sa_layers=[]).logits
     after_image = text & (torch.arange(text.shape[1]) > int(text.logical_not().nonzero()[:, 1].max()))
@@ -47,24 +53,23 @@ def test_text_ignores_the_image_without_cross_or_self_attention():
     assert torch.equal(a[before_image], b[before_image])  # no earlier image: a zero update, never NaN
 
 
-def decoder_states(model, inputs, stop_after, sa_layers):
+def decoder_states(case, model, inputs, stop_after, sa_layers):
     ids = inputs["input_ids"]
-    embeds, visual, segments = model.embed(ids, inputs["pixel_values"], inputs["image_sizes"])
+    embeds, visual, segments, positions = case.embed(model, inputs)
     mask = torch.ones_like(ids)
-    positions = torch.arange(ids.shape[1])[None]
     with torch.no_grad():
         hidden, _, _ = model.run_decoder(embeds, positions, mask, visual, segments, model.routing_mask(ids),
                                          sa_layers, stop_after=stop_after)
     return hidden, visual, embeds, positions
 
 
-def test_visual_tokens_change_only_in_executed_self_attention_layers():
-    model = build(tiny_cfg(router=False))
-    inputs = row_inputs(batch(model, [sample(model, routing=False)]), 0, model)
-    h0, visual, embeds, positions = decoder_states(model, inputs, 0, [1, 4])  # layer 0: cross-attention
-    h1, *_ = decoder_states(model, inputs, 1, [1, 4])  # layer 1: executed SA
-    h2, *_ = decoder_states(model, inputs, 2, [1, 4])  # layer 2: skipped SA
-    h3, *_ = decoder_states(model, inputs, 3, [1, 4])  # layer 3: cross-attention
+def test_visual_tokens_change_only_in_executed_self_attention_layers(case):
+    model = build(case.tiny_cfg(router=False))
+    inputs = case.row_inputs(case.batch(model, [case.sample(model, 0, routing=False)]), 0, model)
+    h0, visual, embeds, positions = decoder_states(case, model, inputs, 0, [1, 4])  # layer 0: cross-attention
+    h1, *_ = decoder_states(case, model, inputs, 1, [1, 4])  # layer 1: executed SA
+    h2, *_ = decoder_states(case, model, inputs, 2, [1, 4])  # layer 2: skipped SA
+    h3, *_ = decoder_states(case, model, inputs, 3, [1, 4])  # layer 3: cross-attention
     assert torch.equal(h0[visual], embeds[visual])
     assert not torch.allclose(h1[visual], h0[visual])
     assert torch.equal(h2[visual], h1[visual]) and torch.equal(h3[visual], h1[visual])
@@ -75,16 +80,16 @@ def test_visual_tokens_change_only_in_executed_self_attention_layers():
 
 
 @pytest.mark.parametrize("configs", [[[1], [1, 2, 4], [1, 4]], [[1, 2], [1, 2], [1]]])
-def test_per_sample_configurations_equal_each_sample_alone(configs):
-    model = build(tiny_cfg())
-    rows = [sample(model, (60, 90), 3, 5, seed=1), sample(model, (45, 200), 1, 2, seed=2), sample(model, (30, 30), 6, 4, seed=3)]
-    inputs = batch(model, rows)
+def test_per_sample_configurations_equal_each_sample_alone(case, configs):
+    model = build(case.tiny_cfg())
+    rows = [case.sample(model, 0, seed=1), case.sample(model, 1, seed=2), case.sample(model, 2, seed=3)]
+    inputs = case.batch(model, rows)
     with torch.no_grad():
         together = model(**inputs, sa_layers=configs)
         generated = model.generate(**inputs, sa_layers=configs, max_new_tokens=6, eos_token_id=[])
     assert together.sa_layers == configs
     for i, config in enumerate(configs):
-        alone_inputs = row_inputs(inputs, i, model)
+        alone_inputs = case.row_inputs(inputs, i, model)
         keep = inputs["attention_mask"][i].bool()
         with torch.no_grad():
             alone = model(**alone_inputs, sa_layers=config).logits[0]
@@ -94,13 +99,13 @@ def test_per_sample_configurations_equal_each_sample_alone(configs):
 
 
 @pytest.mark.parametrize("config", [[1], [1, 2], [1, 4], [1, 2, 4]])
-def test_cached_generation_equals_recomputing(config):
-    model = build(tiny_cfg(), seed=5)
-    inputs = batch(model, [sample(model, seed=4), sample(model, (45, 200), 1, 2, seed=6)])
+def test_cached_generation_equals_recomputing(case, config):
+    model = build(case.tiny_cfg(), seed=5)
+    inputs = case.batch(model, [case.sample(model, 0, seed=4), case.sample(model, 1, seed=6)])
     steps = 6
     got = model.generate(**inputs, sa_layers=config, max_new_tokens=steps, eos_token_id=[])
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    vision = {k: inputs[k] for k in ("pixel_values", "image_sizes")}
+    vision = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     with torch.no_grad():
         for _ in range(steps):
             nxt = model(ids, mask, **vision, sa_layers=config).logits[:, -1].argmax(-1, keepdim=True)
@@ -108,9 +113,9 @@ def test_cached_generation_equals_recomputing(config):
     assert torch.equal(got, ids)
 
 
-def test_cross_attention_keys_are_projected_once():
-    model = build(tiny_cfg())
-    inputs = batch(model, [sample(model)])
+def test_cross_attention_keys_are_projected_once(case):
+    model = build(case.tiny_cfg())
+    inputs = case.batch(model, [case.sample(model, 0)])
     cache = model.new_cache()
     mask = inputs["attention_mask"]
     with torch.no_grad():
@@ -120,16 +125,16 @@ def test_cross_attention_keys_are_projected_once():
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
             out = model(nxt, mask, cache=cache)
     assert cache.cross_projections == len(model.plan.ca_layers) == 2
-    n_visual = int((inputs["input_ids"] == model.cfg.tokens.image_token_id).sum())
+    n_visual = int(case.visual_mask(model, inputs).sum())
     n_text = inputs["input_ids"].shape[1] - n_visual + 4
     report = visorlib.flops(model, n_visual=n_visual, n_text=n_text, sa_layers=[1, 4])
     # fp32 cache: 4 bytes per value instead of the report's bf16 2 bytes.
     assert cache.nbytes_per_sample() == [2 * report.kv_cache_bytes]
 
 
-def test_router_decides_and_a_forced_configuration_overrides_it():
-    model = build(tiny_cfg(), seed=2)
-    inputs = batch(model, [sample(model, seed=1), sample(model, (45, 200), 1, 2, seed=2)])
+def test_router_decides_and_a_forced_configuration_overrides_it(case):
+    model = build(case.tiny_cfg(), seed=2)
+    inputs = case.batch(model, [case.sample(model, 0, seed=1), case.sample(model, 1, seed=2)])
     with torch.no_grad():
         routed = model(**inputs, sa_layers="router")
         forced = model(**inputs, sa_layers=[1, 2])

@@ -80,3 +80,46 @@ def word_tokenizer(folder, cfg):
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.WhitespaceSplit()])
     tok.add_special_tokens(list(specials))
     tok.save(str(folder / "tokenizer.json"))
+
+
+class LlavaCase:
+    """How the backbone-agnostic VISOR tests drive one model family (here LLaVA-OneVision).
+
+    A case builds a tiny 6-layer VISOR model (CA at 0 and 3; SA candidates 1, 2, 4; router after
+    layer 1), makes per-sample inputs in three shapes (``variant`` 0-2), batches them with left
+    padding, and cuts one sample back out. New backbones add a case with the same methods to
+    ``CASES`` and every invariant test in tests/test_visor.py runs for them too.
+    """
+
+    name = "llava_onevision"
+    sizes = [(60, 90), (45, 200), (30, 30)]
+    text = [(3, 5), (1, 2), (6, 4)]
+
+    def tiny_cfg(self, **visor):
+        return tiny_cfg(**visor)
+
+    def sample(self, model, variant=0, routing=True, seed=0):
+        before, after = self.text[variant]
+        return sample(model, self.sizes[variant], before, after, routing=routing, seed=seed)
+
+    def batch(self, model, rows, seed=0):
+        return batch(model, rows, seed)
+
+    def row_inputs(self, inputs, i, model):
+        return row_inputs(inputs, i, model)
+
+    def other_pixels(self, inputs):
+        """The same inputs with different pixels (same shapes and token counts)."""
+        return dict(inputs, pixel_values=torch.randn_like(inputs["pixel_values"]))
+
+    def visual_mask(self, model, inputs):
+        return inputs["input_ids"] == model.cfg.tokens.image_token_id
+
+    def embed(self, model, inputs):
+        """``(embeds, visual_mask, segments, position_ids)`` of a single unpadded sample."""
+        ids = inputs["input_ids"]
+        embeds, visual, segments = model.embed(ids, inputs["pixel_values"], inputs["image_sizes"])
+        return embeds, visual, segments, torch.arange(ids.shape[1])[None]
+
+
+CASES = [LlavaCase()]

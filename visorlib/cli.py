@@ -18,7 +18,6 @@ import torch
 
 from . import zoo
 from .flops import flops
-from .processing import anyres
 from .profiling import human
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,7 +75,7 @@ def default_profile_image():
 def cmd_profile(args: argparse.Namespace) -> None:
     from PIL import Image
 
-    from .processing import LlavaOnevisionProcessor, preprocess_images
+    from .models import family_of
     from .profiling import format_table, plot_flops_vs_visual_tokens, profile_configurations
 
     if args.threads:
@@ -97,15 +96,13 @@ def cmd_profile(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     model = zoo.instantiate(cfg, device=args.device, dtype=dtype).eval()
     build_s = time.perf_counter() - started
-    vision = {k: v.to(args.device) for k, v in preprocess_images([image], cfg).items()}
-    size = vision["image_sizes"][0].tolist()
-    n_visual = LlavaOnevisionProcessor(cfg).num_image_tokens(size)
-    tiles = anyres.num_tiles(size, cfg.processing.pinpoints(cfg.vision.image_size), cfg.vision.image_size)
+    processor = family_of(cfg).processor(cfg, None)
+    # The processor builds the prompt around the image; text tokens are random ordinary ids.
     n_text = args.text_tokens
-    # Ordinary text ids only: stay below every special id (placeholders, routing token).
-    vocab = min(1000, cfg.decoder.vocab_size, cfg.tokens.image_token_id, cfg.tokens.video_token_id)
-    ids = torch.cat([torch.randint(0, vocab, (1, n_text // 2)), torch.full((1, n_visual), cfg.tokens.image_token_id),
-                     torch.randint(0, vocab, (1, n_text - n_text // 2))], 1).to(args.device)
+    ids, vision, tiles = processor.profile_inputs(image, n_text)
+    ids, vision = ids.to(args.device), {k: v.to(args.device) for k, v in vision.items()}
+    n_visual = int((ids == cfg.tokens.image_token_id).sum())
+    size = list(image.size[::-1])
     report = flops(cfg, n_visual=n_visual, n_text=n_text, tiles=tiles)
     table = profile_configurations(model, ids, vision, tiles, args.repeats, log=log)
     result = {

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from .config import ConfigError, ModelConfig, merge_nested, read_yaml_mapping
-from .convert import config_from_hf, convert_llava_onevision_state
 from .hub import (
     VISORLIB_CONFIG,
     CheckpointError,
@@ -30,7 +29,7 @@ from .hub import (
     resolve_checkpoint,
     weight_files,
 )
-from .models import init_weights, model_class
+from .models import family_for_hf, family_of, init_weights, model_class
 
 
 def zoo_dir() -> Path:
@@ -149,7 +148,7 @@ def load_weights(model: nn.Module, folder: Path) -> None:
     """Load a visorlib or Hugging Face checkpoint folder into ``model`` (strict)."""
     state = read_safetensors(weight_files(folder))
     if not (folder / VISORLIB_CONFIG).exists():
-        state = convert_llava_onevision_state(state, tied=model.cfg.decoder.tie_word_embeddings)
+        state = family_of(model.cfg).convert_state(state, model.cfg)
     load_state_into(model, state, str(folder))
 
 
@@ -164,7 +163,8 @@ def read_checkpoint_config(folder: Path) -> ModelConfig:
     hf = folder / "config.json"
     if not hf.exists():
         raise CheckpointError(f"{folder} has neither {VISORLIB_CONFIG} nor config.json")
-    return config_from_hf(read_json(hf), str(hf), name=folder.name)
+    hf_config = read_json(hf)
+    return family_for_hf(hf_config.get("model_type"), str(hf)).config_from_hf(hf_config, str(hf), folder.name)
 
 
 def from_pretrained(
@@ -202,15 +202,14 @@ def processor_for(model: nn.Module, tokenizer_source: str | os.PathLike | None =
         model: A visorlib model (anything with ``.cfg``).
         tokenizer_source: A folder or Hub id holding ``tokenizer.json``.
     """
-    from .processing import LlavaOnevisionProcessor
-
+    make = family_of(model.cfg).processor
     candidates = [tokenizer_source, getattr(model, "checkpoint_dir", None), model.cfg.hub_id]
     errors = []
     for source in candidates:
         if source is None:
             continue
         try:
-            return LlavaOnevisionProcessor.from_pretrained(model.cfg, source)
+            return make(model.cfg, source)
         except (OSError, ValueError, RuntimeError) as err:
             if source is tokenizer_source:
                 raise
@@ -220,4 +219,4 @@ def processor_for(model: nn.Module, tokenizer_source: str | os.PathLike | None =
         "the processor will prepare images only",
         stacklevel=2,
     )
-    return LlavaOnevisionProcessor(model.cfg, None)
+    return make(model.cfg, None)

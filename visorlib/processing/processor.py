@@ -306,6 +306,25 @@ class LlavaOnevisionProcessor:
             images = None
         return self(text=prompt, images=images, videos=videos, **kwargs)
 
+    def profile_inputs(self, image: Any, n_text: int, seed: int = 0) -> tuple[torch.Tensor, dict[str, Any], int]:
+        """A one-image prompt with ``n_text`` random ordinary text ids around the placeholders.
+
+        For measuring cost without a tokenizer (``visorlib profile``). Returns ``(input_ids [1, L],
+        vision inputs, tiles through the vision tower)``.
+        """
+        vision = self(images=[image])
+        vision.pop("batch_num_images", None)
+        size = vision["image_sizes"][0].tolist()
+        side = self.cfg.vision.image_size
+        tiles = anyres.num_tiles(size, self.cfg.processing.pinpoints(side), side)
+        tokens = self.cfg.tokens
+        vocab = min(1000, self.cfg.decoder.vocab_size, tokens.image_token_id, tokens.video_token_id)
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.cat([torch.randint(0, vocab, (n_text // 2,), generator=g),
+                         torch.full((self.num_image_tokens(size),), tokens.image_token_id),
+                         torch.randint(0, vocab, (n_text - n_text // 2,), generator=g)])
+        return ids[None], vision, tiles
+
     def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
         """Text of one sequence of ids (see :meth:`Tokenizer.decode`)."""
         if self.tokenizer is None:
