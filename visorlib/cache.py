@@ -28,6 +28,9 @@ class KVCache:
         self.cross: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.seen = 0  # tokens of the original sequence processed so far
         self.cross_projections = 0  # how many times cross-attention K/V were computed (for tests)
+        # M-RoPE (Qwen2-VL): ``[B, 1]`` offset from a token's count of real tokens to its rotary
+        # position, fixed at prefill (an image spans fewer positions than tokens); decode steps add it.
+        self.rope_deltas: torch.Tensor | None = None
 
     def length(self, layer: int = 0) -> int:
         """Tokens cached so far in ``layer``."""

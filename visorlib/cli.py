@@ -164,6 +164,36 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(processor.decode(out[0, inputs["input_ids"].shape[1]:]))
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train.recipe import load_recipe
+    from .train.trainer import Trainer
+
+    recipe = load_recipe(args.recipe, args.set)
+    trainer = Trainer(recipe, resume=args.resume)
+    try:
+        if recipe.training.stage == "router":
+            from .train.router import run_router_stage
+
+            print(json.dumps(run_router_stage(recipe, trainer), indent=2))
+            return
+        if trainer.step:
+            print(f"resumed at step {trainer.step}", file=sys.stderr)
+        logs = trainer.train()
+        if trainer.dist.main and logs:
+            print(f"trained to step {trainer.step}: loss {logs[-1]['loss']:.4f}; checkpoints in {trainer.ckpt_dir}")
+    finally:
+        trainer.close()
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from .train.synth import make_synthetic_dataset
+
+    cfg = zoo.get_config(args.model)
+    cfg = cfg.tiny() if args.tiny else cfg
+    path = make_synthetic_dataset(args.out, cfg, args.samples, args.image_size, args.seed)
+    print(f"wrote {path} ({args.samples} pages, 3 questions each) and {Path(args.out) / 'tokenizer.json'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visorlib", description="VISOR vision-language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -193,6 +223,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--plot", help="also save the FLOPs-vs-visual-tokens plot here (needs matplotlib)")
     p.set_defaults(func=cmd_profile)
+    p = sub.add_parser("train", help="train with a YAML recipe (one process, or under torchrun)")
+    p.add_argument("recipe")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. --set training.max_steps=10")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("data", help="data tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("synth", help="write the synthetic fine-grained VQA dataset")
+    p.add_argument("out")
+    p.add_argument("--model", default="visor-llava-ov-0.5b", help="card whose token ids the tokenizer uses")
+    p.add_argument("--tiny", action="store_true", help="for the card's tiny variant")
+    p.add_argument("--samples", type=int, default=200)
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
     return parser
 
 

@@ -24,17 +24,34 @@ class ConfigError(ValueError):
 
 @dataclass
 class VisionConfig:
-    """A ViT-style vision tower (SigLIP for LLaVA-OneVision).
+    """A ViT-style vision tower (SigLIP for LLaVA-OneVision, Qwen2-VL's own ViT).
 
     Attributes:
-        kind: Name of the vision backbone adapter (``"siglip"``).
-        image_size: Side of the square tile the tower sees, in pixels.
+        kind: Name of the vision backbone adapter (``"siglip"``, ``"qwen2_vl"``).
+        image_size: Side of the square tile the tower sees, in pixels. ``qwen2_vl`` has no tiles
+            (dynamic resolution); its cards set ``patch_size * spatial_merge_size``, the multiple
+            that images are resized to.
         patch_size: Side of one patch; a tile yields ``(image_size // patch_size) ** 2`` tokens.
         hidden_size: Width of the tower.
         intermediate_size: Width of the tower's MLP.
         num_layers: Number of transformer blocks kept (LLaVA-OV keeps 26 of SigLIP's 27).
         num_heads: Attention heads.
         layer_norm_eps: LayerNorm epsilon.
+        temporal_patch_size: Frames per patch (``qwen2_vl``: 2; an image is two equal frames).
+        spatial_merge_size: Side of the square of patches merged into one visual token after the
+            tower (``qwen2_vl``: 2, so a token covers 2x2 patches).
+        in_channels: Colour channels of the input (3); a patch holds
+            ``in_channels * temporal_patch_size * patch_size**2`` values.
+        hidden_act: Activation of the tower's MLP (``siglip``): ``"gelu_tanh"`` as in SigLIP
+            (default) or ``"gelu"`` (exact, what timm's own SigLIP ViTs use).
+        timm_model: A timm architecture (``"vit_base_patch16_siglip_384"``, ``"fastvit_mci3"``)
+            whose hyper-parameters fill in the tower; None (default) builds the tower from the
+            fields above. When set, the fields the architecture determines are derived from it
+            (``siglip``: sizes, depth, heads, eps, activation; ``fastvit``: ``hidden_size``,
+            ``patch_size`` = total downsampling, ``num_layers`` = blocks): a field left at its
+            default is replaced, one set to a different value is a ``ConfigError``.
+        timm_kwargs: Extra keyword arguments for ``timm.create_model`` (only with ``timm_model``),
+            e.g. a shrunk FastViT for tests: ``{layers: [1, 1, 1, 1, 1], embed_dims: [8, 16, 32, 64, 128]}``.
     """
 
     kind: str = "siglip"
@@ -45,6 +62,31 @@ class VisionConfig:
     num_layers: int = 26
     num_heads: int = 16
     layer_norm_eps: float = 1e-6
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    in_channels: int = 3
+    hidden_act: str = "gelu_tanh"
+    timm_model: str | None = None
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.timm_model is None:
+            if self.timm_kwargs:
+                raise ConfigError("vision.timm_kwargs is only used together with vision.timm_model")
+            return
+        # Imported here: the backbones import this module.
+        from .backbones import timm_tower_fields
+
+        derived = timm_tower_fields(self.kind, self.timm_model, self.timm_kwargs)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key, value in derived.items():
+            current = getattr(self, key)
+            if current != value and current != defaults[key]:
+                raise ConfigError(
+                    f"vision.{key}={current!r} contradicts timm architecture {self.timm_model!r}, which has "
+                    f"{value!r}; leave the key out or set it to {value!r}"
+                )
+            setattr(self, key, value)
 
     @property
     def grid_size(self) -> int:
@@ -74,6 +116,9 @@ class DecoderConfig:
         max_position_embeddings: Longest context the model was trained for.
         tie_word_embeddings: Whether the LM head shares the embedding matrix.
         attention_bias: Whether q/k/v projections carry a bias (True for Qwen2).
+        mrope_section: Qwen2-VL's multimodal rotary positions (M-RoPE): how many of the
+            ``head_dim / 2`` rotary frequencies follow the temporal, height and width position
+            (``[16, 24, 24]``); None for plain 1-D positions.
     """
 
     kind: str = "qwen2"
@@ -88,6 +133,7 @@ class DecoderConfig:
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = True
     attention_bias: bool = True
+    mrope_section: list[int] | None = None
 
     @property
     def head_dim(self) -> int:
@@ -106,6 +152,11 @@ class ImageProcessingConfig:
             ``[tile*i, tile*j]`` for ``i, j`` in ``1..max_grid``.
         max_grid: Largest number of tiles per side when ``grid_pinpoints`` is not given.
         vision_aspect_ratio: ``"anyres_max_N"``: shrink the unpadded grid to at most N tiles' worth.
+        min_pixels: Qwen2-VL smart resize: the fewest pixels an image (or video frame) is scaled up to.
+        max_pixels: Qwen2-VL smart resize: the most pixels an image (or video frame) is scaled down to.
+        aspect_mode: ``"anyres"`` (default): LLaVA-OneVision tiling of a sample's only image.
+            ``"pad"``: every image is padded to a square with the mean colour and resized to one
+            tile (FastVLM's ``image_aspect_ratio: pad``); no grid, no unpadding.
     """
 
     image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
@@ -113,6 +164,13 @@ class ImageProcessingConfig:
     grid_pinpoints: list[list[int]] | None = None
     max_grid: int = 6
     vision_aspect_ratio: str = "anyres_max_9"
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    aspect_mode: str = "anyres"
+
+    def __post_init__(self) -> None:
+        if self.aspect_mode not in ("anyres", "pad"):
+            raise ConfigError(f"processing.aspect_mode must be 'anyres' or 'pad', got {self.aspect_mode!r}")
 
     def pinpoints(self, tile: int) -> list[list[int]]:
         """The candidate resolutions for a tile of side ``tile``."""
@@ -247,6 +305,17 @@ class ModelConfig:
             decoder["num_layers"] = 3
         else:  # keep the depth, so the VISOR layer plan still fits
             overrides["visor"] = {"routing_token_id": 252, "router_hidden": 16}
+        if self.decoder.mrope_section is not None:
+            decoder["mrope_section"] = [2, 3, 3]  # [16, 24, 24]'s proportions, summing to head_dim / 2 = 8
+        if self.vision.kind == "qwen2_vl":
+            # Dynamic resolution in units of 12 px (patch 6 x merge 2): 4 to 64 visual tokens an image.
+            overrides["vision"]["image_size"] = 12
+            overrides["processing"] = {"min_pixels": 4 * 12**2, "max_pixels": 64 * 12**2}
+        if self.vision.kind == "fastvit":
+            # FastViT's stage layout (5 stages, attention in the last two, 64x downsampling) at
+            # widths 8..128 and one block a stage: 128-px tiles give 2x2 tokens of width 256.
+            overrides["vision"] = {"image_size": 128, "patch_size": 64, "hidden_size": 256, "num_layers": 5,
+                                   "timm_kwargs": {"layers": [1] * 5, "embed_dims": [8, 16, 32, 64, 128]}}
         return self.with_overrides(overrides, f"tiny({self.name})")
 
     def with_overrides(self, overrides: dict[str, Any], source: str = "overrides") -> ModelConfig:
@@ -285,7 +354,8 @@ def merge_nested(base: dict[str, Any], update: dict[str, Any], source: str, pref
     for key, value in update.items():
         if key not in base:
             raise ConfigError(f"{source}: unknown key {prefix + key!r} (known: {', '.join(sorted(base))})")
-        if isinstance(base[key], dict) and isinstance(value, dict):
+        # An empty mapping in the base is free-form (e.g. a recipe's model overrides): replace it.
+        if isinstance(base[key], dict) and base[key] and isinstance(value, dict):
             out[key] = merge_nested(base[key], value, source, f"{prefix}{key}.")
         else:
             out[key] = value
@@ -304,7 +374,10 @@ def parse_dataclass(cls: type, data: Any, source: str, prefix: str = "") -> Any:
             f"{source}: unknown key {prefix + unknown[0]!r} in {cls.__name__} (known: {', '.join(sorted(names))})"
         )
     kwargs = {key: _coerce(hints[key], value, source, prefix + key) for key, value in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # raised by a __post_init__ check: name the file
+        raise ConfigError(f"{source}: {err}") from err
 
 
 def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:

@@ -163,26 +163,29 @@ def atomic_save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata
         raise
 
 
+def write_checkpoint(state: dict[str, torch.Tensor], cfg, directory: str | os.PathLike) -> Path:
+    """Write a visorlib checkpoint folder: weights first, config last, each atomically.
+
+    An interrupted save therefore never leaves a folder that looks complete but mixes old and new
+    files (the trainer's consolidated export uses this too).
+    """
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SAFETENSORS_INDEX).unlink(missing_ok=True)
+    atomic_save_safetensors(state, folder / SAFETENSORS, {"format": "pt", "producer": "visorlib"})
+    atomic_write_json(folder / VISORLIB_CONFIG, {"format": "visorlib", "version": FORMAT_VERSION, "config": cfg.to_dict()})
+    return folder
+
+
 class PretrainedMixin:
     """``save_pretrained`` / ``push_to_hub`` for models that carry a ``cfg`` (:class:`ModelConfig`)."""
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``visorlib.json`` and ``model.safetensors`` into ``directory`` (created if needed).
-
-        The weights are written first and the config last, each atomically, so an interrupted
-        save never leaves a folder that looks complete but holds a mix of old and new files.
-        """
-        folder = Path(directory)
-        folder.mkdir(parents=True, exist_ok=True)
+        """Write ``visorlib.json`` and ``model.safetensors`` into ``directory`` (created if needed)."""
         state = self.state_dict()
         if any(t.is_meta for t in state.values()):
             raise CheckpointError("cannot save a model built on the meta device: it has no weights yet")
-        (folder / SAFETENSORS_INDEX).unlink(missing_ok=True)
-        atomic_save_safetensors(state, folder / SAFETENSORS, {"format": "pt", "producer": "visorlib"})
-        atomic_write_json(
-            folder / VISORLIB_CONFIG, {"format": "visorlib", "version": FORMAT_VERSION, "config": self.cfg.to_dict()}
-        )
-        return folder
+        return write_checkpoint(state, self.cfg, directory)
 
     def push_to_hub(self, repo_id: str, private: bool = False, commit_message: str = "Upload visorlib model") -> str:
         """Save to a temporary folder and upload it to the Hub; returns the commit URL."""

@@ -41,17 +41,27 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding tables (cos, sin) for integer positions.
+    """Rotary position embedding tables (cos, sin) for integer positions, 1-D or multimodal.
+
+    With ``mrope_section`` (Qwen2-VL's M-RoPE, https://arxiv.org/abs/2409.12191) a token has three
+    positions (temporal, height, width): the ``head_dim / 2`` frequencies are cut into three runs of
+    ``mrope_section`` lengths, and run ``i`` takes its angles from axis ``i``. Text tokens carry the
+    same position on all three axes, which makes M-RoPE equal to plain RoPE on them.
 
     Args:
         head_dim: Width of one attention head (the rotated dimension).
         theta: Base frequency.
+        mrope_section: Frequencies per axis (temporal, height, width); they must sum to
+            ``head_dim // 2``. None for plain 1-D rotary positions.
     """
 
-    def __init__(self, head_dim: int, theta: float):
+    def __init__(self, head_dim: int, theta: float, mrope_section: list[int] | None = None):
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
+        if mrope_section is not None and (len(mrope_section) != 3 or sum(mrope_section) != head_dim // 2):
+            raise ValueError(f"mrope_section {mrope_section} must be 3 numbers summing to head_dim / 2 = {head_dim // 2}")
+        self.mrope_section = None if mrope_section is None else list(mrope_section)
         # Not a buffer: it is a pure function of the config, so it is never saved or loaded and
         # stays correct when the module was built on the meta device.
         self._inv_freq: torch.Tensor | None = None
@@ -63,8 +73,14 @@ class RotaryEmbedding(nn.Module):
         return self._inv_freq
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tables for ``position_ids [B, L]`` -> ``cos, sin`` of shape ``[B, L, head_dim]``."""
+        """Tables for ``position_ids`` ``[B, L]`` (or ``[3, B, L]`` under M-RoPE) -> ``cos, sin [B, L, head_dim]``."""
         freqs = position_ids.float()[..., None] * self.inv_freq(position_ids.device)
+        if position_ids.dim() == 3:
+            if self.mrope_section is None or position_ids.shape[0] != 3:
+                raise ValueError(f"position_ids of shape {list(position_ids.shape)} need M-RoPE ([3, B, L] and an "
+                                 "mrope_section in the decoder config)")
+            runs = freqs.split(self.mrope_section, dim=-1)
+            freqs = torch.cat([run[axis] for axis, run in enumerate(runs)], dim=-1)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..cache import KVCache
 from ..config import DecoderConfig
@@ -77,6 +78,8 @@ class Qwen2DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = Qwen2MLP(cfg)
 
+    gradient_checkpointing = False  # set by the trainer: recompute this layer in backward
+
     def forward(
         self,
         x: torch.Tensor,
@@ -86,6 +89,11 @@ class Qwen2DecoderLayer(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
+            return checkpoint(self._forward, x, rope, mask, implementation, None, layer, use_reentrant=False)
+        return self._forward(x, rope, mask, implementation, cache, layer)
+
+    def _forward(self, x, rope, mask, implementation, cache, layer):
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, implementation, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -106,7 +114,7 @@ class Qwen2Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def head_weight(self) -> torch.Tensor:

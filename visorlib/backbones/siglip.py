@@ -6,6 +6,10 @@ the output of the last kept block *before* ``post_layernorm``. timm's ``VisionTr
 same network; two details must be set for numerical parity with Hugging Face: tanh-approximated
 GELU and LayerNorm eps 1e-6. timm ships no converter from Hugging Face's SigLIP keys, so
 :func:`siglip_key_map` is ours.
+
+Other SigLIP sizes plug in by name: a card with ``vision.timm_model: vit_base_patch16_siglip_384``
+gets its sizes from timm's own architecture (:func:`siglip_fields_from_timm`), so the tower is that
+network with the same parameter names as timm's (its ``state_dict`` loads into timm's model).
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ import re
 from functools import partial
 
 import torch
+from timm.layers import GELUTanh
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ..config import VisionConfig
+from ..config import ConfigError, VisionConfig
 
 
 class SiglipVisionTower(VisionTransformer):
@@ -41,7 +46,7 @@ class SiglipVisionTower(VisionTransformer):
             class_token=False,
             global_pool="",
             num_classes=0,
-            act_layer="gelu_tanh",
+            act_layer=cfg.hidden_act,
             norm_layer=partial(nn.LayerNorm, eps=cfg.layer_norm_eps),
         )
         self.cfg = cfg
@@ -63,6 +68,54 @@ class SiglipVisionTower(VisionTransformer):
         for block in self.blocks:
             x = block(x)
         return x
+
+
+def siglip_fields_from_timm(timm_model: str, timm_kwargs: dict) -> dict:
+    """The :class:`VisionConfig` fields of a timm SigLIP-style ViT (``vit_base_patch16_siglip_384``...).
+
+    The architecture is built on the meta device (free) and read back; the tower those fields
+    describe is then checked to have exactly timm's parameters (names and shapes, the pooling
+    head aside), so an architecture this adapter cannot express (a class token, layer scale,
+    q/k norms...) is refused instead of silently built differently.
+
+    Raises:
+        ConfigError: Unknown architecture, not a ViT, or not expressible as a SigLIP tower.
+    """
+    import timm
+
+    try:
+        with torch.device("meta"):
+            vit = timm.create_model(timm_model, pretrained=False, **timm_kwargs)
+    except (RuntimeError, TypeError, ValueError) as err:  # unknown name or bad keyword argument
+        raise ConfigError(f"vision.timm_model {timm_model!r} with timm_kwargs {timm_kwargs}: {err}") from err
+    if not isinstance(vit, VisionTransformer):
+        raise ConfigError(f"vision.timm_model {timm_model!r} is a {type(vit).__name__}, not a timm VisionTransformer")
+    img, patch = vit.patch_embed.img_size, vit.patch_embed.patch_size
+    if img[0] != img[1] or patch[0] != patch[1]:
+        raise ConfigError(f"vision.timm_model {timm_model!r}: only square images and patches are supported")
+    block = vit.blocks[0]
+    act = block.mlp.act
+    if isinstance(act, GELUTanh) or getattr(act, "approximate", None) == "tanh":
+        hidden_act = "gelu_tanh"
+    elif isinstance(act, nn.GELU):
+        hidden_act = "gelu"
+    else:
+        raise ConfigError(f"vision.timm_model {timm_model!r}: MLP activation {type(act).__name__} is not supported")
+    fields = dict(image_size=img[0], patch_size=patch[0], hidden_size=vit.embed_dim,
+                  intermediate_size=block.mlp.fc1.out_features, num_layers=len(vit.blocks),
+                  num_heads=block.attn.num_heads, layer_norm_eps=block.norm1.eps, hidden_act=hidden_act)
+    with torch.device("meta"):
+        tower = SiglipVisionTower(VisionConfig(kind="siglip", **fields))
+    ours = {k: v.shape for k, v in tower.state_dict().items()}
+    # The attention-pooling head (global_pool='map') is unused: features are per patch.
+    theirs = {k: v.shape for k, v in vit.state_dict().items() if not k.startswith(("attn_pool.", "head.", "fc_norm."))}
+    if ours != theirs:
+        differ = sorted(set(ours) ^ set(theirs)) or sorted(k for k in ours if ours[k] != theirs[k])
+        raise ConfigError(
+            f"vision.timm_model {timm_model!r} is not a SigLIP-style ViT the siglip tower can express "
+            f"(parameters differ at {differ[:4]})"
+        )
+    return fields
 
 
 _SIGLIP_RENAMES = [

@@ -48,6 +48,13 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return padded.gather(1, expanded)
 
 
+def gather_positions(positions: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rotary positions ``[B, L]`` or M-RoPE's ``[3, B, L]`` at token ``index [B, N]`` (along ``L``)."""
+    if positions.dim() == 2:
+        return gather_tokens(positions, index)
+    return gather_tokens(positions.permute(1, 2, 0), index).permute(2, 0, 1)
+
+
 def scatter_tokens(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``target[b, index[b]] = values[b]`` out of place; writes to index ``L`` are dropped."""
     padded = torch.cat([target, target.new_zeros(target.shape[0], 1, *target.shape[2:])], dim=1)
@@ -104,7 +111,8 @@ class PlanExecutor:
 
         Args:
             hidden: Input embeddings in original order.
-            position_ids: ``[B, L]`` rotary positions.
+            position_ids: ``[B, L]`` rotary positions, or ``[3, B, L]`` (temporal, height, width) under
+                M-RoPE; the text stream keeps each token's own positions whatever the layer's role.
             attention_mask: ``[B, L_past + L]``, 0 on padding.
             visual_mask: ``[B, L]``, True on visual tokens.
             segments: ``[B, L]`` image/video ordinal of each visual token (-1 elsewhere).
@@ -175,7 +183,7 @@ class _State:
     def text_rope(self):
         return self._memo(
             "text_rope",
-            lambda: self.ex.decoder.rotary(gather_tokens(self.positions, self.layout.text_index), self._dtype()),
+            lambda: self.ex.decoder.rotary(gather_positions(self.positions, self.layout.text_index), self._dtype()),
         )
 
     def full_mask(self):

@@ -11,7 +11,6 @@ between the two libraries; the logits are the same to ~1e-6 in fp32.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,32 +23,8 @@ from ..generation import GenerationMixin
 from ..hub import PretrainedMixin
 from ..layers import positions_from_mask
 from ..processing import anyres
-from .executor import compact, gather_tokens, scatter_tokens
+from .multimodal import InputError, Media, ModelOutput, MultimodalMixin
 from .visor import VisorMixin
-
-
-class InputError(ValueError):
-    """Model inputs are inconsistent (shapes, placeholder counts, missing tensors)."""
-
-
-@dataclass
-class ModelOutput:
-    """What a forward pass returns.
-
-    Attributes:
-        logits: ``[B, L, vocab]`` (only the last ``logits_to_keep`` positions when that was set).
-            Under a VISOR plan the visual positions carry no prediction and are zero.
-        loss: Mean next-token cross-entropy over labels != -100, when ``labels`` were given.
-        cache: The filled :class:`~visorlib.cache.KVCache` when one was passed in.
-        sa_layers: The configuration each sample ran (after routing).
-        router_logits: ``[routing tokens, configurations]`` when the router decided.
-    """
-
-    logits: torch.Tensor
-    loss: torch.Tensor | None = None
-    cache: KVCache | None = None
-    sa_layers: list[list[int]] | None = None
-    router_logits: torch.Tensor | None = None
 
 
 class Projector(nn.Module):
@@ -67,7 +42,7 @@ class Projector(nn.Module):
         return self.linear_2(F.gelu(self.linear_1(x), approximate=self.approximate))
 
 
-class LlavaOnevision(VisorMixin, GenerationMixin, PretrainedMixin, nn.Module):
+class LlavaOnevision(VisorMixin, MultimodalMixin, GenerationMixin, PretrainedMixin, nn.Module):
     """The dense LLaVA-OneVision model.
 
     Args:
@@ -100,20 +75,31 @@ class LlavaOnevision(VisorMixin, GenerationMixin, PretrainedMixin, nn.Module):
     def encode_images(
         self,
         pixel_values: torch.Tensor,
-        image_sizes: torch.Tensor,
+        image_sizes: torch.Tensor | None,
         batch_num_images: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Visual tokens of every image, in the decoder's width.
 
         Args:
             pixel_values: ``[images, max_tiles, 3, S, S]`` (zero-padded past each image's tiles).
-            image_sizes: ``[images, 2]`` original ``(height, width)``.
+                With ``processing.aspect_mode: pad`` (FastVLM) every image is one tile, and
+                ``[images, 3, S, S]`` (transformers' FastVLM layout) is accepted too.
+            image_sizes: ``[images, 2]`` original ``(height, width)``; not needed in ``pad`` mode.
             batch_num_images: Images per sample; samples with several images use base tiles only.
 
         Returns:
             One ``[tokens_i, D]`` tensor per image.
         """
         side = self.cfg.vision.image_size
+        if self.cfg.processing.aspect_mode == "pad":
+            if pixel_values.dim() == 5 and pixel_values.shape[1] == 1:
+                pixel_values = pixel_values[:, 0]
+            if pixel_values.dim() != 4 or pixel_values.shape[1:] != (3, side, side):
+                raise InputError(
+                    f"pixel_values must be [images, 3, {side}, {side}] or [images, 1, 3, {side}, {side}] (one padded "
+                    f"square tile per image), got {list(pixel_values.shape)}"
+                )
+            return [self._pack_image(tile[None], None) for tile in self._tile_features(pixel_values)]
         if pixel_values.dim() != 5 or pixel_values.shape[2:] != (3, side, side):
             raise InputError(
                 f"pixel_values must be [images, tiles, 3, {side}, {side}], got {list(pixel_values.shape)}"
@@ -139,7 +125,7 @@ class LlavaOnevision(VisorMixin, GenerationMixin, PretrainedMixin, nn.Module):
             features = self.packer(features)
         return self.projector(features)
 
-    def _pack_image(self, tiles: torch.Tensor, image_size: list[int]) -> torch.Tensor:
+    def _pack_image(self, tiles: torch.Tensor, image_size: list[int] | None) -> torch.Tensor:
         """Stitch one image's tile features into an unpadded grid with row newlines."""
         base, grid_tiles = tiles[0], tiles[1:]
         if len(grid_tiles) == 0:
@@ -184,10 +170,6 @@ class LlavaOnevision(VisorMixin, GenerationMixin, PretrainedMixin, nn.Module):
         return out
 
     # ---------------------------------------------------------------- sequence
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.decoder.embed_tokens.weight.dtype
-
     def embed(
         self,
         input_ids: torch.Tensor,
@@ -202,45 +184,13 @@ class LlavaOnevision(VisorMixin, GenerationMixin, PretrainedMixin, nn.Module):
             ``(embeddings [B, L, D], visual_mask [B, L], segments [B, L])``; ``segments`` numbers
             the batch's images, then its videos, on their tokens (-1 elsewhere).
         """
-        if input_ids.dim() != 2:
-            raise InputError(f"input_ids must be [batch, length], got {list(input_ids.shape)}")
-        image_mask = input_ids == self.cfg.tokens.image_token_id
-        video_mask = input_ids == self.cfg.tokens.video_token_id
-        routing_mask = self.routing_mask(input_ids)
-        # Placeholder ids may lie outside a shrunk vocabulary; they are overwritten anyway.
-        embeds = self.decoder.embed_tokens(input_ids.masked_fill(image_mask | video_mask | routing_mask, 0))
-        if self.router is not None:
-            embeds = torch.where(routing_mask[..., None], self.router.token.to(embeds.dtype), embeds)
-        segments = torch.full_like(input_ids, -1)
-        first_segment = 0
-        for mask, pixels, encode, kind in (
-            (image_mask, pixel_values, lambda: self.encode_images(pixel_values, image_sizes, batch_num_images), "image"),
-            (video_mask, pixel_values_videos, lambda: self.encode_videos(pixel_values_videos), "video"),
-        ):
-            slots = int(mask.sum())
-            if pixels is None:
-                if slots:
-                    raise InputError(f"input_ids contain {slots} {kind} tokens but no {kind} pixels were given")
-                continue
-            parts = encode()
-            features = torch.cat(parts).to(embeds.dtype)
-            if features.shape[0] != slots:
-                raise InputError(
-                    f"input_ids contain {slots} {kind} tokens but the {kind}s produce {features.shape[0]} features; "
-                    f"expand each <{kind}> placeholder with visorlib.processor_for(model)"
-                )
-            embeds = embeds.masked_scatter(mask[..., None].expand_as(embeds), features)
-            lengths = torch.tensor([len(p) for p in parts], device=input_ids.device)
-            ordinals = torch.arange(len(parts), device=input_ids.device) + first_segment
-            segments = segments.masked_scatter(mask, torch.repeat_interleave(ordinals, lengths))
-            first_segment += len(parts)
-        return embeds, image_mask | video_mask, segments
-
-    def routing_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """True where the router's routing token sits (never, without a router)."""
-        if self.router is None:
-            return torch.zeros_like(input_ids, dtype=torch.bool)
-        return input_ids == self.cfg.visor.routing_token_id
+        tokens = self.cfg.tokens
+        return self.scatter_media(input_ids, [
+            Media("image", tokens.image_token_id, "<image>", pixel_values,
+                  lambda: self.encode_images(pixel_values, image_sizes, batch_num_images)),
+            Media("video", tokens.video_token_id, "<video>", pixel_values_videos,
+                  lambda: self.encode_videos(pixel_values_videos)),
+        ])
 
     def forward(
         self,
@@ -276,40 +226,8 @@ class LlavaOnevision(VisorMixin, GenerationMixin, PretrainedMixin, nn.Module):
         past = cache.seen if cache is not None else 0
         embeds, visual_mask, segments = self.embed(input_ids, pixel_values, image_sizes, pixel_values_videos,
                                                    batch_num_images)
-        batch, length = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=input_ids.device)
-        if attention_mask.shape != (batch, past + length):
-            raise InputError(
-                f"attention_mask must be [{batch}, {past + length}] (cached + new tokens), got {list(attention_mask.shape)}"
-            )
+        attention_mask = self.full_attention_mask(input_ids, attention_mask, past)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)[:, past:]
-        hidden, configs, router_logits = self.run_decoder(
-            embeds, position_ids, attention_mask, visual_mask, segments, self.routing_mask(input_ids), sa_layers, cache
-        )
-        logits = self._logits(hidden, visual_mask, logits_to_keep)
-        loss = None
-        if labels is not None:
-            labels = labels.to(logits.device)
-            if not self.plan.dense:
-                # Under a VISOR plan the LM head reads text positions only: a visual token is never a
-                # target, and the token after a visual one has no prediction (its logits are zero).
-                after_visual = torch.cat([torch.zeros_like(visual_mask[:, :1]), visual_mask[:, :-1]], dim=1)
-                labels = labels.masked_fill(visual_mask | after_visual, -100)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return ModelOutput(logits=logits, loss=loss, cache=cache, sa_layers=configs, router_logits=router_logits)
-
-    def _logits(self, hidden: torch.Tensor, visual_mask: torch.Tensor, keep: int) -> torch.Tensor:
-        """LM head over every position (dense plan), or over text positions only (VISOR plans)."""
-        if self.plan.dense:
-            return self.decoder.logits(hidden[:, -keep:] if keep else hidden)
-        if keep:
-            return self.decoder.logits(hidden[:, -keep:]) * (~visual_mask[:, -keep:])[..., None]
-        index, _ = compact(~visual_mask)
-        text_logits = self.decoder.logits(gather_tokens(hidden, index))
-        return scatter_tokens(text_logits.new_zeros(*hidden.shape[:2], text_logits.shape[-1]), index, text_logits)
-
-    def new_cache(self) -> KVCache:
-        """An empty cache sized for this model."""
-        return KVCache(self.cfg.decoder.num_layers)
+        return self.run_language_model(input_ids, embeds, visual_mask, segments, attention_mask, position_ids, labels,
+                                       cache, logits_to_keep, sa_layers)

@@ -91,6 +91,23 @@ class VisorMixin:
             return [plan.validate(c) for c in sa_layers]
         return [plan.validate(sa_layers)] * batch
 
+    def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """True on image/video placeholder positions."""
+        tokens = self.cfg.tokens
+        return (input_ids == tokens.image_token_id) | (input_ids == tokens.video_token_id)
+
+    def supervised_labels(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``labels`` with the positions this model cannot be trained on set to -100.
+
+        Under a VISOR plan the LM head reads text positions only: a visual token is never a target,
+        and the token right after one has no prediction (the visual position's logits are zero).
+        """
+        if self.plan.dense:
+            return labels
+        visual = self.visual_token_mask(input_ids)
+        after_visual = torch.cat([torch.zeros_like(visual[:, :1]), visual[:, :-1]], dim=1)
+        return labels.masked_fill(visual | after_visual, -100)
+
     def _executes(self, configs: list[list[int]], device) -> torch.Tensor:
         table = torch.zeros(len(configs), self.plan.num_layers, dtype=torch.bool, device=device)
         for row, config in enumerate(configs):

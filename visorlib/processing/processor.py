@@ -29,7 +29,7 @@ from PIL import Image
 
 from ..config import ModelConfig
 from . import anyres
-from .chat import IMAGE_TOKEN, VIDEO_TOKEN, apply_chat_template, media_in_messages
+from .chat import IM_END, IM_START, IMAGE_TOKEN, VIDEO_TOKEN, apply_chat_template, media_in_messages
 from .image import preprocess_images, preprocess_video
 from .tokenizer import Tokenizer
 
@@ -131,7 +131,11 @@ class LlavaOnevisionProcessor:
     # -- token counts (all arithmetic lives in anyres) -------------------------------------------
 
     def num_image_tokens(self, image_size: Sequence[int], tiled: bool = True) -> int:
-        """Placeholder tokens for an image of ``(height, width)``; ``tiled=False`` in multi-image samples."""
+        """Placeholder tokens for an image of ``(height, width)``.
+
+        ``tiled=False`` for images of multi-image samples; with ``processing.aspect_mode: pad``
+        (FastVLM) no image is tiled.
+        """
         side = self.cfg.vision.image_size
         return anyres.num_image_tokens(
             image_size,
@@ -140,7 +144,7 @@ class LlavaOnevisionProcessor:
             self.cfg.feature_grid_size,
             self.cfg.processing.max_tiles,
             newline=self.cfg.use_image_newline,
-            tiled=tiled,
+            tiled=tiled and self.cfg.processing.aspect_mode == "anyres",
         )
 
     def num_video_tokens(self, num_frames: int) -> int:
@@ -197,7 +201,9 @@ class LlavaOnevisionProcessor:
         else:
             groups = _group_images(images, [t.count(IMAGE_TOKEN) for t in texts])
         flat_images = [image for group in groups for image in group]
-        tiled = [len(group) == 1 for group in groups for _ in group]
+        # Anyres tiling is for the only image of a sample; "pad" mode (FastVLM) never tiles.
+        anyres_mode = self.cfg.processing.aspect_mode == "anyres"
+        tiled = [anyres_mode and len(group) == 1 for group in groups for _ in group]
         if flat_images:
             out.update(preprocess_images(flat_images, self.cfg, tiled=tiled))
             out["batch_num_images"] = torch.tensor([len(g) for g in groups if g], dtype=torch.long)
@@ -306,6 +312,60 @@ class LlavaOnevisionProcessor:
             images = None
         return self(text=prompt, images=images, videos=videos, **kwargs)
 
+    def encode_turns(
+        self, turns: Sequence[tuple[str, str]], images: Sequence[Any] = (), videos: Sequence[Any] = ()
+    ) -> dict[str, Any]:
+        """One training sample: a conversation with labels on the assistant's words only.
+
+        Args:
+            turns: ``(role, text)`` pairs; ``text`` holds ``<image>`` / ``<video>`` placeholders
+                where the media go (LLaVA data style).
+            images: The sample's images, in placeholder order.
+            videos: The sample's videos, in placeholder order.
+
+        Returns:
+            ``input_ids`` and ``labels`` (1-D, -100 off the assistant answers), plus the vision
+            tensors of :meth:`__call__` for this one sample.
+
+        The assistant turn is written as the generation prompt (``<|im_start|>assistant\\n``)
+        followed by the answer and ``<|im_end|>``, so training sees exactly what inference feeds.
+        With a router, a routing marker closes every user turn, as :meth:`chat` does.
+        """
+        if self.tokenizer is None:
+            raise ValueError("this processor has no tokenizer; build it with one to encode training data")
+        text = "".join(t for _, t in turns)
+        placed = (text.count(IMAGE_TOKEN), text.count(VIDEO_TOKEN))
+        if placed != (len(images), len(videos)):
+            raise ValueError(
+                f"{placed[0]} {IMAGE_TOKEN} / {placed[1]} {VIDEO_TOKEN} placeholders but {len(images)} images / "
+                f"{len(videos)} videos"
+            )
+        out = self(images=list(images) or None, videos=list(videos) or None) if images or videos else {}
+        tiled = len(images) == 1
+        frames = out["pixel_values_videos"].shape[1] if videos else 0
+        counts = {IMAGE_TOKEN: iter([self.num_image_tokens(s, tiled) for s in out.get("image_sizes", [])]),
+                  VIDEO_TOKEN: iter([self.num_video_tokens(frames)] * len(videos))}
+        routed = self.cfg.visor is not None and self.cfg.visor.router
+        ids, labels = [], []
+        for role, content in turns:
+            if role not in ("user", "assistant", "system"):
+                raise ValueError(f"unknown role {role!r} (expected user, assistant or system)")
+            content = _PLACEHOLDER.sub(lambda m: m.group(0) * next(counts[m.group(0)]), content)
+            if role == "assistant":
+                head = self._encode_with_routing(f"{IM_START}assistant\n")
+                body = self._encode_with_routing(content + IM_END)
+                ids += head + body
+                labels += [-100] * len(head) + body
+            else:
+                marker = ROUTE_TOKEN if routed and role == "user" else ""
+                piece = self._encode_with_routing(f"{IM_START}{role} {content}{marker}{IM_END}")
+                ids += piece
+                labels += [-100] * len(piece)
+        out.pop("batch_num_images", None)
+        out["input_ids"] = torch.tensor(ids, dtype=torch.long)
+        out["labels"] = torch.tensor(labels, dtype=torch.long)
+        return out
+
     def profile_inputs(self, image: Any, n_text: int, seed: int = 0) -> tuple[torch.Tensor, dict[str, Any], int]:
         """A one-image prompt with ``n_text`` random ordinary text ids around the placeholders.
 
@@ -315,8 +375,7 @@ class LlavaOnevisionProcessor:
         vision = self(images=[image])
         vision.pop("batch_num_images", None)
         size = vision["image_sizes"][0].tolist()
-        side = self.cfg.vision.image_size
-        tiles = anyres.num_tiles(size, self.cfg.processing.pinpoints(side), side)
+        tiles = vision["pixel_values"].shape[1]  # one image: exactly its tiles, no padding
         tokens = self.cfg.tokens
         vocab = min(1000, self.cfg.decoder.vocab_size, tokens.image_token_id, tokens.video_token_id)
         g = torch.Generator().manual_seed(seed)

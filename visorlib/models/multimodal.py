@@ -1,0 +1,177 @@
+"""The part of a vision-language model every family shares: the token sequence and the decoder pass.
+
+Families differ in how pixels become visual tokens (LLaVA-OneVision: tiles, a projector and row
+newlines; Qwen2-VL: patches at any resolution and a 2x2 merger) and in the rotary positions they
+give them. From there on the path is the same and is written once, in :class:`MultimodalMixin`:
+
+* :meth:`~MultimodalMixin.scatter_media` embeds the text, writes every image's and video's tokens
+  over its run of placeholder ids, numbers the visual tokens by image (``segments``, which the
+  cross-attention's positional convolution needs) and puts the router's learned token where the
+  routing id sits;
+* :meth:`~MultimodalMixin.run_language_model` runs the decoder under the VISOR plan and returns
+  the logits (text positions only under a VISOR plan) and the next-token loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ..cache import KVCache
+from ..config import ModelConfig
+from .executor import compact, gather_tokens, scatter_tokens
+
+
+class InputError(ValueError):
+    """Model inputs are inconsistent (shapes, placeholder counts, missing tensors)."""
+
+
+@dataclass
+class ModelOutput:
+    """What a forward pass returns.
+
+    Attributes:
+        logits: ``[B, L, vocab]`` (only the last ``logits_to_keep`` positions when that was set).
+            Under a VISOR plan the visual positions carry no prediction and are zero.
+        loss: Mean next-token cross-entropy over labels != -100, when ``labels`` were given.
+        cache: The filled :class:`~visorlib.cache.KVCache` when one was passed in.
+        sa_layers: The configuration each sample ran (after routing).
+        router_logits: ``[routing tokens, configurations]`` when the router decided.
+    """
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    cache: KVCache | None = None
+    sa_layers: list[list[int]] | None = None
+    router_logits: torch.Tensor | None = None
+
+
+class Media(NamedTuple):
+    """One kind of visual input of a forward pass, for :meth:`MultimodalMixin.scatter_media`.
+
+    Attributes:
+        kind: ``"image"`` or ``"video"`` (for messages).
+        token_id: The placeholder id its tokens replace in ``input_ids``.
+        placeholder: The placeholder's text (for messages).
+        pixels: The pixel tensor, or None when none were given.
+        encode: Computes the visual tokens, one ``[tokens, D]`` tensor per image/video.
+    """
+
+    kind: str
+    token_id: int
+    placeholder: str
+    pixels: object
+    encode: Callable[[], list[torch.Tensor]]
+
+
+class MultimodalMixin:
+    """Sequence assembly and the decoder pass, for models with ``cfg``, ``decoder``, ``plan``, ``router``."""
+
+    cfg: ModelConfig
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.embed_tokens.weight.dtype
+
+    def routing_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """True where the router's routing token sits (never, without a router)."""
+        if self.router is None:
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        return input_ids == self.cfg.visor.routing_token_id
+
+    def scatter_media(
+        self, input_ids: torch.Tensor, media: Sequence[Media]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token embeddings with visual tokens written over their placeholders.
+
+        Args:
+            input_ids: ``[B, L]`` with placeholders expanded (one id per visual token).
+            media: The kinds of visual input, in the order their segments are numbered.
+
+        Returns:
+            ``(embeddings [B, L, D], visual_mask [B, L], segments [B, L])``; ``segments`` numbers
+            the batch's images, then its videos, on their tokens (-1 elsewhere).
+        """
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids must be [batch, length], got {list(input_ids.shape)}")
+        masks = [input_ids == m.token_id for m in media]
+        visual_mask = torch.stack(masks).any(0) if masks else torch.zeros_like(input_ids, dtype=torch.bool)
+        routing_mask = self.routing_mask(input_ids)
+        # Placeholder ids may lie outside a shrunk vocabulary; they are overwritten anyway.
+        embeds = self.decoder.embed_tokens(input_ids.masked_fill(visual_mask | routing_mask, 0))
+        if self.router is not None:
+            embeds = torch.where(routing_mask[..., None], self.router.token.to(embeds.dtype), embeds)
+        segments = torch.full_like(input_ids, -1)
+        first_segment = 0
+        for mask, item in zip(masks, media, strict=True):
+            slots = int(mask.sum())
+            if item.pixels is None:
+                if slots:
+                    raise InputError(f"input_ids contain {slots} {item.kind} tokens but no {item.kind} pixels were given")
+                continue
+            parts = item.encode()
+            features = torch.cat(parts).to(embeds.dtype)
+            if features.shape[0] != slots:
+                raise InputError(
+                    f"input_ids contain {slots} {item.kind} tokens but the {item.kind}s produce {features.shape[0]} "
+                    f"features; expand each {item.placeholder} placeholder with visorlib.processor_for(model)"
+                )
+            embeds = embeds.masked_scatter(mask[..., None].expand_as(embeds), features)
+            lengths = torch.tensor([len(p) for p in parts], device=input_ids.device)
+            ordinals = torch.arange(len(parts), device=input_ids.device) + first_segment
+            segments = segments.masked_scatter(mask, torch.repeat_interleave(ordinals, lengths))
+            first_segment += len(parts)
+        return embeds, visual_mask, segments
+
+    def full_attention_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past: int) -> torch.Tensor:
+        """``attention_mask`` checked against cached + new tokens (all ones when None)."""
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            return torch.ones(batch, past + length, dtype=torch.long, device=input_ids.device)
+        if attention_mask.shape != (batch, past + length):
+            raise InputError(
+                f"attention_mask must be [{batch}, {past + length}] (cached + new tokens), got {list(attention_mask.shape)}"
+            )
+        return attention_mask
+
+    def run_language_model(
+        self,
+        input_ids: torch.Tensor,
+        embeds: torch.Tensor,
+        visual_mask: torch.Tensor,
+        segments: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        labels: torch.Tensor | None,
+        cache: KVCache | None,
+        logits_to_keep: int,
+        sa_layers: object,
+    ) -> ModelOutput:
+        """The decoder under the VISOR plan, then logits and (with ``labels``) the loss."""
+        hidden, configs, router_logits = self.run_decoder(
+            embeds, position_ids, attention_mask, visual_mask, segments, self.routing_mask(input_ids), sa_layers, cache
+        )
+        logits = self._logits(hidden, visual_mask, logits_to_keep)
+        loss = None
+        if labels is not None:
+            labels = self.supervised_labels(input_ids, labels.to(logits.device))
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return ModelOutput(logits=logits, loss=loss, cache=cache, sa_layers=configs, router_logits=router_logits)
+
+    def _logits(self, hidden: torch.Tensor, visual_mask: torch.Tensor, keep: int) -> torch.Tensor:
+        """LM head over every position (dense plan), or over text positions only (VISOR plans)."""
+        if self.plan.dense:
+            return self.decoder.logits(hidden[:, -keep:] if keep else hidden)
+        if keep:
+            return self.decoder.logits(hidden[:, -keep:]) * (~visual_mask[:, -keep:])[..., None]
+        index, _ = compact(~visual_mask)
+        text_logits = self.decoder.logits(gather_tokens(hidden, index))
+        return scatter_tokens(text_logits.new_zeros(*hidden.shape[:2], text_logits.shape[-1]), index, text_logits)
+
+    def new_cache(self) -> KVCache:
+        """An empty cache sized for this model."""
+        return KVCache(self.cfg.decoder.num_layers)

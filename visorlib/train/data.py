@@ -1,0 +1,222 @@
+"""Training data: LLaVA-style conversations, weighted mixtures, length-grouped global batches.
+
+A dataset file is JSON (a list) or JSONL (one object per line) of::
+
+    {"id": ..., "image": "a.jpg" | "images": [...] | "video": [frame files],
+     "conversations": [{"from": "human", "value": "<image>\\nQuestion"}, {"from": "gpt", "value": "Answer"}]}
+
+Image paths are relative to the dataset's ``image_root``. Every sample is reported by file and
+index when it is broken (missing or unreadable image, placeholder/image count mismatch, too long);
+the recipe's ``on_error`` decides whether that stops training or the sample is replaced by the
+next good one — never a silently wrong batch.
+
+The order of samples is a pure function of (seed, step), so every rank knows its slice of any
+global batch without communication, and resuming at step ``s`` continues with exactly the batch
+an uninterrupted run would have used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .recipe import DatasetSpec
+
+log = logging.getLogger("visorlib.train")
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class DataError(ValueError):
+    """A training sample is broken; the message names the file and the index."""
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSON list or a JSONL file."""
+    if not path.exists():
+        raise DataError(f"dataset file {path} not found")
+    text = path.read_text()
+    try:
+        if path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            rows = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON{'L' if path.suffix == '.jsonl' else ''}: {err}") from err
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise DataError(f"{path}: expected a list of objects")
+    return rows
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """One dataset of LLaVA-style conversations, encoded by a model's processor.
+
+    Args:
+        spec: The recipe's dataset entry.
+        processor: The model family's processor (``encode_turns``).
+        max_length: Longest allowed sample in tokens.
+        on_error: ``"skip"`` or ``"raise"``.
+    """
+
+    def __init__(self, spec: DatasetSpec, processor, max_length: int, on_error: str = "skip"):
+        self.path = Path(spec.path)
+        if spec.format == "synthetic" and self.path.is_dir():
+            self.path = self.path / "data.jsonl"
+        self.root = Path(spec.image_root) if spec.image_root else self.path.parent
+        self.name = spec.name or self.path.stem
+        self.rows = read_rows(self.path)
+        if not self.rows:
+            raise DataError(f"{self.path}: the dataset is empty")
+        self.processor, self.max_length, self.on_error = processor, max_length, on_error
+        self.reported: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def approx_length(self, index: int) -> int:
+        """A cheap length estimate (words + media) used only to group similar samples."""
+        row = self.rows[index]
+        words = sum(len(str(t.get("value", "")).split()) for t in row.get("conversations", []))
+        media = len(self._media(row, "images")) + len(self._media(row, "video"))
+        return words + 1000 * media
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """The encoded sample ``index``, or (``on_error="skip"``) the next good one."""
+        for offset in range(len(self.rows)):
+            current = (index + offset) % len(self.rows)
+            try:
+                return self.encode(current)
+            except DataError as err:
+                if self.on_error == "raise":
+                    raise
+                if current not in self.reported:
+                    self.reported.add(current)
+                    log.warning("skipping a broken sample: %s", err)
+        raise DataError(f"{self.path}: no sample could be encoded")
+
+    @staticmethod
+    def _media(row: dict, key: str) -> list[str]:
+        if key == "images":
+            value = row.get("images", row.get("image"))
+        else:
+            value = row.get("video")
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else list(value)
+
+    def _open(self, index: int, relative: str) -> Image.Image:
+        path = self.root / relative
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except FileNotFoundError as err:
+            raise DataError(f"{self.path}[{index}]: image {path} not found") from err
+        except (UnidentifiedImageError, OSError) as err:
+            raise DataError(f"{self.path}[{index}]: image {path} is corrupt or unreadable: {err}") from err
+
+    def encode(self, index: int) -> dict[str, Any]:
+        """Encode row ``index`` (raises :class:`DataError` naming file and index when broken)."""
+        row = self.rows[index]
+        turns = []
+        for position, turn in enumerate(row.get("conversations") or []):
+            role = ROLES.get(turn.get("from"))
+            if role is None or not isinstance(turn.get("value"), str):
+                raise DataError(f"{self.path}[{index}]: conversation turn {position} needs 'from' in "
+                                f"{sorted(ROLES)} and a string 'value'")
+            turns.append((role, turn["value"]))
+        if not any(role == "assistant" for role, _ in turns):
+            raise DataError(f"{self.path}[{index}]: no assistant ('gpt') turn to learn from")
+        images = [self._open(index, p) for p in self._media(row, "images")]
+        frames = self._media(row, "video")
+        videos = [[self._open(index, p) for p in frames]] if frames else []
+        try:
+            sample = self.processor.encode_turns(turns, images, videos)
+        except ValueError as err:
+            raise DataError(f"{self.path}[{index}]: {err}") from err
+        length = sample["input_ids"].shape[0]
+        if length > self.max_length:
+            raise DataError(f"{self.path}[{index}]: {length} tokens is longer than max_length={self.max_length}")
+        sample["dataset"], sample["index"] = self.name, index
+        sample["category"] = row.get("category")
+        return sample
+
+
+@dataclass
+class BatchPlan:
+    """Which samples form the global batch of every step (deterministic in seed and step).
+
+    Each epoch draws ``sum(len(dataset))`` samples, picking the dataset by ``weights`` and walking
+    each dataset's own shuffled order; with ``group_by_length`` the epoch is cut into windows of
+    32 global batches whose samples are sorted by length before being cut into batches, and the
+    batch order is shuffled again.
+    """
+
+    datasets: list[ConversationDataset]
+    weights: list[float]
+    global_batch_size: int
+    seed: int = 0
+    group_by_length: bool = True
+
+    def __post_init__(self):
+        self._epochs: dict[int, list[list[tuple[int, int]]]] = {}
+        self.epoch_samples = sum(len(d) for d in self.datasets)
+
+    def _epoch(self, epoch: int) -> list[list[tuple[int, int]]]:
+        if epoch not in self._epochs:
+            rng = random.Random(f"{self.seed}-{epoch}")
+            orders = [rng.sample(range(len(d)), len(d)) for d in self.datasets]
+            cursors = [0] * len(self.datasets)
+            refs = []
+            for _ in range(self.epoch_samples):
+                which = rng.choices(range(len(self.datasets)), weights=self.weights)[0]
+                refs.append((which, orders[which][cursors[which] % len(orders[which])]))
+                cursors[which] += 1
+            size = self.global_batch_size
+            if self.group_by_length:
+                window = 32 * size
+                grouped = []
+                for start in range(0, len(refs), window):
+                    chunk = sorted(refs[start:start + window], key=lambda r: self.datasets[r[0]].approx_length(r[1]))
+                    grouped += chunk
+                refs = grouped
+            batches = [refs[i:i + size] for i in range(0, len(refs) - size + 1, size)]
+            if not batches:
+                raise DataError(f"the data holds {len(refs)} samples, fewer than one global batch of {size}")
+            rng.shuffle(batches)
+            self._epochs = {epoch: batches}  # keep one epoch in memory
+        return self._epochs[epoch]
+
+    def global_batch(self, step: int) -> list[tuple[int, int]]:
+        """``(dataset, index)`` references of the global batch of optimiser step ``step``."""
+        per_epoch = len(self._epoch(0))
+        return self._epoch(step // per_epoch)[step % per_epoch]
+
+
+def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Right-pad a list of encoded samples into model inputs (labels padded with -100)."""
+    length = max(s["input_ids"].shape[0] for s in samples)
+    ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), length), -100, dtype=torch.long)
+    mask = torch.zeros(len(samples), length, dtype=torch.long)
+    for row, sample in enumerate(samples):
+        n = sample["input_ids"].shape[0]
+        ids[row, :n], labels[row, :n], mask[row, :n] = sample["input_ids"], sample["labels"], 1
+    batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    with_images = [s for s in samples if "pixel_values" in s]
+    if with_images:
+        tiles = max(s["pixel_values"].shape[1] for s in with_images)
+        padded = [torch.nn.functional.pad(s["pixel_values"], (0, 0, 0, 0, 0, 0, 0, tiles - s["pixel_values"].shape[1]))
+                  for s in with_images]
+        batch["pixel_values"] = torch.cat(padded)
+        batch["image_sizes"] = torch.cat([s["image_sizes"] for s in with_images])
+        batch["batch_num_images"] = torch.tensor([s["image_sizes"].shape[0] for s in with_images])
+    videos = [s["pixel_values_videos"] for s in samples if "pixel_values_videos" in s]
+    if videos:
+        batch["pixel_values_videos"] = torch.cat(videos)
+    return batch

@@ -1,0 +1,205 @@
+"""Router pseudo-labels and router training (paper §4.3 and appendix D).
+
+1. :func:`log_configurations` runs the universal model over a data subset under *every* viable
+   configuration and logs, per sample and configuration, whether the answer is right (greedy
+   decoding = teacher-forced argmax, token by token), how many leading answer tokens match, and the
+   mean token loss.
+2. :func:`select_labels` turns that log into one target configuration per sample:
+   ``"dataset"`` (the paper): for each dataset keep the configurations reaching >= 99 % of the full
+   model's accuracy, then take the one with the fewest SA layers, then the lowest loss;
+   ``"sample"`` (the appendix D oracle): for each sample the configuration with the longest correct
+   prefix, then the fewest SA layers, then the lowest loss.
+3. :func:`train_router` fits the router with cross-entropy on those labels (only the router and its
+   routing-token embedding learn; the layers below it are frozen), and reports accuracy on held-out
+   samples and the FLOPs the routed configurations save against the full model.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..flops import flops
+from .data import collate
+
+
+def full_configuration(plan) -> list[int]:
+    """The reference ("full model") configuration: the costliest viable one."""
+    return max(plan.configurations, key=plan.cost)
+
+
+@torch.inference_mode()
+def log_configurations(model, datasets, refs: Iterable[tuple[int, int]], pad_id: int, path: str | Path | None = None):
+    """Per-sample correctness, matched prefix and loss for every viable configuration.
+
+    Args:
+        model: A universal VISOR model.
+        datasets: :class:`~visorlib.train.data.ConversationDataset` list.
+        refs: ``(dataset, index)`` samples to evaluate.
+        pad_id: Padding id for batching.
+        path: Append the rows to this JSONL file too.
+
+    Returns:
+        Rows ``{"dataset", "index", "configuration", "correct", "matched", "answer_tokens", "loss",
+        "n_visual", "n_text"}``.
+    """
+    model.eval()
+    rows = []
+    for d, i in refs:
+        sample = datasets[d][i]
+        batch = collate([sample], pad_id)
+        labels = model.supervised_labels(batch["input_ids"], batch.pop("labels"))[0, 1:]
+        supervised = labels != -100
+        n_visual = int(model.visual_token_mask(batch["input_ids"]).sum())
+        for configuration in model.plan.configurations:
+            logits = model(**batch, sa_layers=configuration).logits[0, :-1]
+            hits = (logits.argmax(-1) == labels)[supervised]
+            matched = int(hits.long().cumprod(0).sum())
+            loss = F.cross_entropy(logits[supervised].float(), labels[supervised]).item()
+            rows.append({"dataset": datasets[d].name, "index": i, "configuration": configuration,
+                         "correct": bool(hits.all()), "matched": matched, "answer_tokens": int(supervised.sum()),
+                         "loss": loss, "n_visual": n_visual, "n_text": batch["input_ids"].shape[1] - n_visual})
+    if path is not None:
+        with open(path, "a") as handle:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+    return rows
+
+
+def select_labels(rows: list[dict[str, Any]], plan, mode: str = "dataset") -> dict[tuple[str, int], list[int]]:
+    """One target configuration per ``(dataset, index)`` from a :func:`log_configurations` log.
+
+    Args:
+        rows: The log.
+        plan: The model's :class:`~visorlib.blocks.plan.LayerPlan` (configurations and costs).
+        mode: ``"dataset"`` (paper §4.3) or ``"sample"`` (appendix D oracle).
+    """
+    if mode not in ("dataset", "sample"):
+        raise ValueError(f"label mode must be 'dataset' or 'sample', got {mode!r}")
+    full = full_configuration(plan)
+    by_sample: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for row in rows:
+        by_sample[(row["dataset"], row["index"])].append(row)
+    if mode == "sample":
+        labels = {}
+        for key, options in by_sample.items():
+            best = min(options, key=lambda r: (-r["matched"], len(r["configuration"]), r["loss"]))
+            labels[key] = list(best["configuration"])
+        return labels
+    per_dataset: dict[str, dict[tuple[int, ...], list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        per_dataset[row["dataset"]][tuple(row["configuration"])].append(row)
+    chosen = {}
+    for name, by_config in per_dataset.items():
+        accuracy = {c: sum(r["correct"] for r in rs) / len(rs) for c, rs in by_config.items()}
+        loss = {c: sum(r["loss"] for r in rs) / len(rs) for c, rs in by_config.items()}
+        reference = accuracy.get(tuple(full), max(accuracy.values()))
+        good = [c for c in by_config if accuracy[c] >= 0.99 * reference]
+        chosen[name] = list(min(good, key=lambda c: (len(c), loss[c])))
+    return {key: chosen[key[0]] for key in by_sample}
+
+
+def train_router(model, datasets, labels: dict[tuple[str, int], list[int]], pad_id: int, steps: int = 200,
+                 lr: float = 1e-3, batch_size: int = 8, eval_fraction: float = 0.2, seed: int = 0) -> dict[str, Any]:
+    """Fit the router on pseudo-labels; returns held-out accuracy and FLOP savings.
+
+    Only ``router.*`` parameters are updated. The routing pass stops after the router's layer, so a
+    step costs a few decoder layers, not the whole model.
+    """
+    if model.router is None:
+        raise ValueError(f"{model.cfg.name} has no router to train")
+    index = {name: i for i, name in enumerate(d.name for d in datasets)}
+    items = sorted(labels.items())
+    random.Random(seed).shuffle(items)
+    held = max(1, int(len(items) * eval_fraction)) if len(items) > 1 else 0
+    evaluation, training = items[:held], items[held:] or items
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("router."))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    rng = random.Random(seed)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        chosen = [training[rng.randrange(len(training))] for _ in range(batch_size)]
+        logits, targets = _router_logits(model, datasets, index, chosen, pad_id)
+        loss = F.cross_entropy(logits, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    model.eval()
+    return {"train_loss_first": losses[0], "train_loss_last": losses[-1], **evaluate_router(model, datasets, index,
+                                                                                             evaluation, pad_id)}
+
+
+def _router_logits(model, datasets, index, chosen, pad_id):
+    samples = [datasets[index[name]][i] for (name, i), _ in chosen]
+    batch = collate(samples, pad_id)
+    batch.pop("labels")
+    out = _route(model, batch)
+    # One routing token per question: every question of a sample learns the sample's label.
+    per_token = out["sample_of_token"]
+    targets = torch.tensor([model.plan.configurations.index(chosen[s][1]) for s in per_token.tolist()])
+    return out["logits"], targets
+
+
+def _route(model, batch) -> dict[str, Any]:
+    """Run the layers up to the router and return its logits, per-token sample index and choices."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    embeds, visual, segments = model.embed(ids, batch.get("pixel_values"), batch.get("image_sizes"),
+                                           batch.get("pixel_values_videos"), batch.get("batch_num_images"))
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    routing = model.routing_mask(ids)
+    _, configs, logits = model.run_decoder(embeds, positions, mask, visual, segments, routing, "router",
+                                           stop_after=model.plan.router_layer)
+    return {"logits": logits, "sample_of_token": (routing & mask.bool()).nonzero()[:, 0], "configs": configs}
+
+
+@torch.no_grad()
+def evaluate_router(model, datasets, index, items, pad_id) -> dict[str, Any]:
+    """Accuracy of the router's (costliest-per-sample) choice, and FLOPs against the full model."""
+    if not items:
+        return {"eval_samples": 0}
+    full = full_configuration(model.plan)
+    hits, routed_flops, full_flops = 0, 0.0, 0.0
+    for (name, i), label in items:
+        sample = datasets[index[name]][i]
+        batch = collate([sample], pad_id)
+        batch.pop("labels")
+        chosen = _route(model, batch)["configs"][0]
+        hits += chosen == label
+        n_visual = int(model.visual_token_mask(batch["input_ids"]).sum())
+        n_text = batch["input_ids"].shape[1] - n_visual
+        routed_flops += flops(model, n_visual, n_text, sa_layers=chosen).language_model
+        full_flops += flops(model, n_visual, n_text, sa_layers=full).language_model
+    return {"eval_samples": len(items), "router_accuracy": hits / len(items),
+            "flops_saving_vs_full": full_flops / routed_flops}
+
+
+def run_router_stage(recipe, trainer) -> dict[str, Any]:
+    """The recipe's router stage: log every configuration, pick labels, train, export, report."""
+    spec = recipe.router
+    model, datasets = trainer.model, trainer.datasets
+    pad = trainer.processor.tokenizer.pad_token_id or 0
+    out_dir = Path(recipe.checkpoint.dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if spec.labels_file and Path(spec.labels_file).exists():
+        rows = [json.loads(line) for line in Path(spec.labels_file).read_text().splitlines() if line.strip()]
+    else:
+        refs = [(d, i) for d, dataset in enumerate(datasets) for i in range(min(len(dataset), spec.samples_per_dataset))]
+        log_path = Path(spec.labels_file or out_dir / "configuration-log.jsonl")
+        log_path.unlink(missing_ok=True)
+        rows = log_configurations(model, datasets, refs, pad, log_path)
+    labels = select_labels(rows, model.plan, spec.label_mode)
+    report = train_router(model, datasets, labels, pad, spec.steps, recipe.optim.lr, recipe.data.micro_batch_size,
+                          spec.eval_fraction, recipe.training.seed)
+    model.save_pretrained(out_dir / "model")
+    (out_dir / "router-report.json").write_text(json.dumps(report, indent=2))
+    return report
