@@ -121,21 +121,31 @@ class CrossAttention(nn.Module):
     def forward(
         self,
         text: torch.Tensor,
-        visual_kv: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor,
         implementation: str = "sdpa",
-    ) -> torch.Tensor:
+        visual: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+        visual_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """``text + gate * o(attn(q(norm(text)), K_v, V_v))``.
 
         Args:
             text: ``[B, N_t, D]`` text stream.
-            visual_kv: From :meth:`project_visual`.
             mask: Boolean ``[B, 1, N_t, N_v]``; a text token sees the visual tokens of earlier images.
             implementation: Attention backend.
+            visual: ``[B, N_v, D]`` visual stream (projected here) ...
+            segments: ... with its image ordinals for the positional convolution;
+            visual_kv: ... or keys/values projected earlier (decoding reuses the prefill's).
+
+        Returns:
+            ``(updated text, (keys, values))``. Everything happens inside ``forward`` so that module
+            hooks (FSDP2's parameter gathering, profilers) see every use of the weights.
 
         A text token that sees no visual token at all (nothing before it) gets a zero update, not
         the NaN a fully masked softmax would give.
         """
+        if visual_kv is None:
+            visual_kv = self.project_visual(visual, segments)
         k, v = visual_kv
         q = self.q_proj(self.text_norm(text)).view(*text.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)
         sees_any = mask.any(-1, keepdim=True)  # [B, 1, N_t, 1]
@@ -144,4 +154,4 @@ class CrossAttention(nn.Module):
         update = self.o_proj(out.transpose(1, 2).reshape(*text.shape[:2], -1))
         if self.gate is not None:
             update = update * torch.tanh(self.gate)
-        return text + update
+        return text + update, visual_kv

@@ -243,11 +243,11 @@ class _State:
         text, visual = self.split()
         if cross:
             block = self.ex.cross[str(index)]
-            kv = block.project_visual(visual, gather_tokens(self.segments, self.layout.visual_index))
+            segments = gather_tokens(self.segments, self.layout.visual_index)
+            text, kv = block(text, self.cross_mask(), self.ex.impl, visual=visual, segments=segments)
             if cache is not None:
                 cache.cross[index] = (*kv, self.layout.visual_valid)
                 cache.cross_projections += 1
-            text = block(text, kv, self.cross_mask(), self.ex.impl)
         if cache is not None:
             cache.extend_mask(index, self.layout.text_valid)
         self.T = layer(text, self.text_rope(), self.text_mask(), self.ex.impl, cache, index)
@@ -301,7 +301,7 @@ class _State:
         if cross:
             k, v, valid = cache.cross[index]
             mask = valid[:, None, None, :].expand(-1, 1, hidden.shape[1], -1)
-            hidden = self.ex.cross[str(index)](hidden, (k, v), mask, self.ex.impl)
+            hidden, _ = self.ex.cross[str(index)](hidden, mask, self.ex.impl, visual_kv=(k, v))
         keys = cache.extend_mask(index, self.new_mask)
         self.H = layer(hidden, self.full_rope(), self._decode_mask(keys, hidden.shape[1]), self.ex.impl, cache, index)
         self.T = self.V = None

@@ -21,6 +21,8 @@ import os
 import random
 import shutil
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,14 @@ from ..hub import atomic_write_json, write_checkpoint
 from ..models import family_of
 from .data import BatchPlan, ConversationDataset, collate
 from .recipe import Recipe
+
+
+@contextmanager
+def _quiet_single_process():
+    """DCP warns that it runs without a process group; that is the intended single-process mode."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 class Distributed:
@@ -261,7 +271,8 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.dist.barrier()
-        dcp.save(self._state(), checkpoint_id=str(tmp))
+        with _quiet_single_process():
+            dcp.save(self._state(), checkpoint_id=str(tmp))
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.dist.main:
             atomic_write_json(tmp / "trainer.json", {"step": self.step, "scheduler": self.scheduler.state_dict(),
@@ -297,7 +308,8 @@ class Trainer:
         if path is None:
             return self.step
         state = self._state()
-        dcp.load(state, checkpoint_id=str(path))
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         meta = json.loads((path / "trainer.json").read_text())
         self.scheduler.load_state_dict(meta["scheduler"])
