@@ -144,3 +144,32 @@ def test_bad_recipes_name_the_key(tmp_path, synth):
         load_recipe(write_recipe(tmp_path, synth), ["training.mode=turbo"])
     with pytest.raises(ConfigError, match="format must be one of"):
         load_recipe(write_recipe(tmp_path, synth, data={"datasets": [{"path": "x", "format": "python:os.system"}]}))
+
+
+def test_pseudo_labels_follow_the_paper_rules():
+    from visorlib.blocks import LayerPlan
+    from visorlib.config import VisorConfig
+    from visorlib.train.router import select_labels
+
+    plan = LayerPlan(8, VisorConfig(sa_layers=[1, 3, 5], configurations=[[1], [1, 3], [1, 5], [1, 3, 5]]))
+
+    def row(dataset, index, config, correct, matched, loss):
+        return {"dataset": dataset, "index": index, "configuration": config, "correct": correct,
+                "matched": matched, "loss": loss}
+
+    rows = []
+    for i in range(100):  # "docs": the full model gets 100 %, [1, 3] 99 %, [1, 5] 99 % with lower loss, [1] 50 %
+        rows += [row("docs", i, [1, 3, 5], True, 3, 0.1), row("docs", i, [1, 3], i != 0, 3, 0.3),
+                 row("docs", i, [1, 5], i != 1, 3, 0.2), row("docs", i, [1], i % 2 == 0, 1, 0.9)]
+    for i in range(10):  # "easy": everything right; the fewest layers win
+        rows += [row("easy", i, c, True, 2, 0.5 - 0.1 * len(c)) for c in plan.configurations]
+    labels = select_labels(rows, plan, "dataset")
+    assert labels[("docs", 7)] == [1, 5]  # >= 99 % of full, then fewest layers, then lowest loss
+    assert labels[("easy", 3)] == [1]
+    # Appendix D oracle: the longest correct prefix per sample, then fewest layers, then loss.
+    oracle = select_labels(rows + [row("one", 0, [1, 3, 5], False, 2, 0.1), row("one", 0, [1, 3], False, 2, 0.2),
+                                   row("one", 0, [1], False, 0, 0.0), row("one", 0, [1, 5], False, 1, 0.0)],
+                           plan, "sample")
+    assert oracle[("one", 0)] == [1, 3] and oracle[("docs", 0)] == [1, 5]
+    with pytest.raises(ValueError, match="label mode"):
+        select_labels(rows, plan, "vibes")
