@@ -185,16 +185,22 @@ class BatchPlan:
                     chunk = sorted(refs[start:start + window], key=lambda r: self.datasets[r[0]].approx_length(r[1]))
                     grouped += chunk
                 refs = grouped
-            batches = [refs[i:i + size] for i in range(0, len(refs) - size + 1, size)]
-            if not batches:
-                raise DataError(f"the data holds {len(refs)} samples, fewer than one global batch of {size}")
+            batches = [refs[i:i + size] for i in range(0, self.batches_per_epoch * size, size)]
             rng.shuffle(batches)
-            self._epochs = {epoch: batches}  # keep one epoch in memory
+            self._epochs = {epoch: batches}  # keep only the current epoch in memory
         return self._epochs[epoch]
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Whole global batches in one epoch (the remainder of an epoch is dropped)."""
+        if self.epoch_samples < self.global_batch_size:
+            raise DataError(f"the data holds {self.epoch_samples} samples, fewer than one global batch of "
+                            f"{self.global_batch_size}")
+        return self.epoch_samples // self.global_batch_size
 
     def global_batch(self, step: int) -> list[tuple[int, int]]:
         """``(dataset, index)`` references of the global batch of optimiser step ``step``."""
-        per_epoch = len(self._epoch(0))
+        per_epoch = self.batches_per_epoch
         return self._epoch(step // per_epoch)[step % per_epoch]
 
 

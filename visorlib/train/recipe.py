@@ -187,6 +187,8 @@ class Recipe:
                 raise ConfigError(f"{where}: data.datasets[{index}].format must be one of {DATASET_FORMATS}")
             if spec.weight <= 0:
                 raise ConfigError(f"{where}: data.datasets[{index}].weight must be > 0")
+        if self.checkpoint.keep < 1:
+            raise ConfigError(f"{where}: checkpoint.keep must be >= 1 (the newest checkpoint is always kept)")
         if self.training.global_batch_size % self.data.micro_batch_size:
             raise ConfigError(f"{where}: training.global_batch_size must be a multiple of data.micro_batch_size")
         return self

@@ -54,7 +54,7 @@ def log_configurations(model, datasets, refs: Iterable[tuple[int, int]], pad_id:
     rows = []
     for d, i in refs:
         sample = datasets[d][i]
-        batch = collate([sample], pad_id)
+        batch = _to(collate([sample], pad_id), model)
         labels = model.supervised_labels(batch["input_ids"], batch.pop("labels"))[0, 1:]
         supervised = labels != -100
         n_visual = int(model.visual_token_mask(batch["input_ids"]).sum())
@@ -118,7 +118,7 @@ def train_router(model, datasets, labels: dict[tuple[str, int], list[int]], pad_
     index = {name: i for i, name in enumerate(d.name for d in datasets)}
     items = sorted(labels.items())
     random.Random(seed).shuffle(items)
-    held = max(1, int(len(items) * eval_fraction)) if len(items) > 1 else 0
+    held = min(len(items) - 1, max(1, int(len(items) * eval_fraction))) if eval_fraction > 0 and len(items) > 1 else 0
     evaluation, training = items[:held], items[held:] or items
     for name, param in model.named_parameters():
         param.requires_grad_(name.startswith("router."))
@@ -141,13 +141,20 @@ def train_router(model, datasets, labels: dict[tuple[str, int], list[int]], pad_
 
 def _router_logits(model, datasets, index, chosen, pad_id):
     samples = [datasets[index[name]][i] for (name, i), _ in chosen]
-    batch = collate(samples, pad_id)
+    batch = _to(collate(samples, pad_id), model)
     batch.pop("labels")
     out = _route(model, batch)
     # One routing token per question: every question of a sample learns the sample's label.
     per_token = out["sample_of_token"]
-    targets = torch.tensor([model.plan.configurations.index(chosen[s][1]) for s in per_token.tolist()])
+    targets = torch.tensor([model.plan.configurations.index(chosen[s][1]) for s in per_token.tolist()],
+                           device=out["logits"].device)
     return out["logits"], targets
+
+
+def _to(batch: dict[str, Any], model) -> dict[str, Any]:
+    """Move a collated batch to the model's device."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _route(model, batch) -> dict[str, Any]:
@@ -171,7 +178,7 @@ def evaluate_router(model, datasets, index, items, pad_id) -> dict[str, Any]:
     hits, routed_flops, full_flops = 0, 0.0, 0.0
     for (name, i), label in items:
         sample = datasets[index[name]][i]
-        batch = collate([sample], pad_id)
+        batch = _to(collate([sample], pad_id), model)
         batch.pop("labels")
         chosen = _route(model, batch)["configs"][0]
         hits += chosen == label
@@ -185,6 +192,10 @@ def evaluate_router(model, datasets, index, items, pad_id) -> dict[str, Any]:
 
 def run_router_stage(recipe, trainer) -> dict[str, Any]:
     """The recipe's router stage: log every configuration, pick labels, train, export, report."""
+    from .trainer import save_tokenizer
+
+    if trainer.dist.world > 1:
+        raise ValueError("the router stage runs in one process (the router is small): start it without torchrun")
     spec = recipe.router
     model, datasets = trainer.model, trainer.datasets
     pad = trainer.processor.tokenizer.pad_token_id or 0
@@ -201,5 +212,6 @@ def run_router_stage(recipe, trainer) -> dict[str, Any]:
     report = train_router(model, datasets, labels, pad, spec.steps, recipe.optim.lr, recipe.data.micro_batch_size,
                           spec.eval_fraction, recipe.training.seed)
     model.save_pretrained(out_dir / "model")
+    save_tokenizer(trainer.processor, out_dir / "model")
     (out_dir / "router-report.json").write_text(json.dumps(report, indent=2))
     return report

@@ -128,6 +128,29 @@ def build_model(recipe: Recipe, device: torch.device):
     return zoo.instantiate(cfg, device)
 
 
+def training_processor(model, recipe: Recipe):
+    """The model's processor with a tokenizer: ``data.tokenizer``, else the checkpoint folder, else
+    the card's hub id (through the Hub cache). Training without a tokenizer is a clear error."""
+    from ..zoo import processor_for
+
+    if recipe.data.tokenizer:
+        return family_of(model.cfg).processor(model.cfg, recipe.data.tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's "images only" warning becomes the error below
+        processor = processor_for(model)
+    if processor.tokenizer is None:
+        raise ValueError(f"{recipe.source}: no tokenizer found for {model.cfg.name} (not in the checkpoint folder, "
+                         "no hub_id in the Hub cache): set data.tokenizer to a folder or hub id with tokenizer.json")
+    return processor
+
+
+def save_tokenizer(processor, folder: Path) -> None:
+    """Put the tokenizer beside exported weights, so the export is a complete, loadable model."""
+    if processor.tokenizer is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        processor.tokenizer.backend.save(str(folder / "tokenizer.json"))
+
+
 class Trainer:
     """Runs a :class:`Recipe`.
 
@@ -157,8 +180,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, opt.warmup_steps, train.max_steps, opt.min_lr_ratio)
         )
-        tokenizer = recipe.data.tokenizer or getattr(self.model, "checkpoint_dir", None) or self.model.cfg.hub_id
-        self.processor = family_of(self.model.cfg).processor(self.model.cfg, tokenizer)
+        self.processor = training_processor(self.model, recipe)
         self.datasets = [ConversationDataset(spec, self.processor, recipe.data.max_length, recipe.data.on_error)
                          for spec in recipe.data.datasets]
         if not self.datasets:
@@ -218,12 +240,13 @@ class Trainer:
                                                    recipe.optim.grad_clip)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step trained with
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         elapsed = time.perf_counter() - started
-        return {"step": self.step, "loss": self.dist.sum(loss_sum) / tokens, "lr": self.scheduler.get_last_lr()[0],
+        return {"step": self.step, "loss": self.dist.sum(loss_sum) / tokens, "lr": lr,
                 "grad_norm": float(grad_norm), "configuration": config, "tokens": int(tokens),
                 "tokens_per_s": tokens / elapsed, "seconds": elapsed}
 
@@ -279,6 +302,7 @@ class Trainer:
                                                      "recipe": self.recipe.source})
             if self.recipe.checkpoint.export_safetensors:
                 write_checkpoint(full, self.model.cfg, tmp / "model")
+                save_tokenizer(self.processor, tmp / "model")
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             (self.ckpt_dir / "latest.tmp").write_text(final.name)
