@@ -39,12 +39,19 @@ def tiny_hf_model(tied: bool = True, seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = tiny_hf_config(tied)
-    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    return randomize_norms_and_biases(LlavaOnevisionForConditionalGeneration(cfg))
+
+
+def randomize_norms_and_biases(model, norm_names=("norm",)):
+    """``model`` in eval mode with eager attention, its norms and biases randomised.
+
+    Randomised so that a swapped or dropped weight cannot hide behind ones/zeros.
+    """
+    model = model.eval()
     model.set_attn_implementation("eager")
-    # Randomise norms and biases too, so a swapped or dropped weight cannot hide behind ones/zeros.
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
+            if any(n in name for n in norm_names) or name.endswith("bias"):
                 param.add_(torch.randn_like(param) * 0.1)
     return model
 

@@ -77,3 +77,26 @@ def test_paper_scale_savings():
     assert dense.language_model / small.language_model == pytest.approx(10.9, abs=0.1)
     assert small.kv_cache_bytes < big.kv_cache_bytes < dense.kv_cache_bytes
     assert small.decode_step < dense.decode_step
+
+
+@pytest.mark.parametrize(("config", "media"), [("dense", "image"), ("dense", "video"), ([1], "image"), ([1, 2, 4], "video")])
+def test_qwen2_vl_flops_match_flop_counter(config, media):
+    """Tower by patches (attention per frame), merger, and M-RoPE decoder: within 2 % of the counter."""
+    from cases_qwen2_vl import Qwen2VLCase
+    from visor_helpers import build
+
+    case = Qwen2VLCase()
+    model = build(case.tiny_cfg(sa_layers=None) if config == "dense" else case.tiny_cfg(router=False))
+    t, h, w = 3 if media == "video" else 1, 6, 10  # a video of 3 temporal patches: 3 attention sequences
+    token = model.cfg.tokens.video_token_id if media == "video" else model.cfg.tokens.image_token_id
+    n_visual = t * h * w // 4
+    ids = torch.cat([torch.randint(0, 200, (1, 5)), torch.full((1, n_visual), token), torch.randint(0, 200, (1, 6))], 1)
+    pixels = torch.randn(t * h * w, model.vision_tower.patch_dim)
+    vision = {"pixel_values_videos": pixels, "video_grid_thw": torch.tensor([[t, h, w]])} if media == "video" else \
+        {"pixel_values": pixels, "image_grid_thw": torch.tensor([[t, h, w]])}
+    sa_layers = None if config == "dense" else config
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(ids, **vision, logits_to_keep=1, sa_layers=sa_layers)
+    report = flops(model, n_visual=n_visual, n_text=11, tiles=[h * w] * t, sa_layers=sa_layers)
+    assert report.total == pytest.approx(counter.get_total_flops(), rel=0.02)
+    assert report.components["vision_tower"] > 0 and report.components["projector"] > 0

@@ -113,6 +113,20 @@ def test_cached_generation_equals_recomputing(case, config):
     assert torch.equal(got, ids)
 
 
+@pytest.mark.parametrize("visor", [{"sa_layers": None}, {}], ids=["dense", "visor"])
+def test_decoding_one_unpadded_sample_equals_recomputing(case, visor):
+    # Without padding there is no attention mask: the prefill filling the cache must still be causal.
+    model = build(case.tiny_cfg(**visor), seed=5)
+    inputs = case.row_inputs(case.batch(model, [case.sample(model, 0, seed=4, routing=False)]), 0, model)
+    ids, step, config = inputs["input_ids"], torch.tensor([[7]]), None if model.plan.dense else [1, 4]
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(**inputs, cache=cache, logits_to_keep=1, sa_layers=config)
+        decoded = model(step, torch.ones(1, ids.shape[1] + 1, dtype=torch.long), cache=cache).logits[0, -1]
+        recomputed = model(**dict(inputs, input_ids=torch.cat([ids, step], 1)), sa_layers=config)
+    torch.testing.assert_close(decoded, recomputed.logits[0, -1], atol=1e-5, rtol=0)
+
+
 def test_cross_attention_keys_are_projected_once(case):
     model = build(case.tiny_cfg())
     inputs = case.batch(model, [case.sample(model, 0)])

@@ -62,18 +62,20 @@ def test_card_geometry_matches_design_facts():
 
 @pytest.mark.parametrize("name", visorlib.list_models())
 def test_every_registered_model_runs_forward_and_backward(name):
+    from PIL import Image
+
+    from visorlib.models import family_of
+
     cfg = visorlib.get_config(name).tiny()
     model = visorlib.zoo.instantiate(cfg).train()
-    size = (60, 90)
-    pins = cfg.processing.pinpoints(cfg.vision.image_size)
-    tokens = anyres.num_image_tokens(size, pins, cfg.vision.image_size, cfg.vision.grid_size, cfg.processing.max_tiles)
+    # The family's own processor makes the inputs, so every backbone (tiling, padding...) is fed right.
+    noise = Image.fromarray(torch.randint(0, 256, (60, 90, 3), dtype=torch.uint8).numpy())
+    ids, vision, _ = family_of(cfg).processor(cfg, None).profile_inputs(noise, n_text=7)
     routed = cfg.visor is not None and cfg.visor.router
-    tail = [torch.randint(0, 200, (1, 4))] + ([torch.tensor([[cfg.visor.routing_token_id]])] if routed else [])
-    ids = torch.cat([torch.randint(0, 200, (1, 3)), torch.full((1, tokens), cfg.tokens.image_token_id), *tail], 1)
+    if routed:
+        ids = torch.cat([ids, torch.tensor([[cfg.visor.routing_token_id]])], 1)
     labels = ids.masked_fill(ids == cfg.tokens.image_token_id, -100)
-    tiles = anyres.num_tiles(size, pins, cfg.vision.image_size)
-    out = model(ids, pixel_values=torch.randn(1, tiles, 3, 30, 30), image_sizes=torch.tensor([size]), labels=labels,
-                sa_layers="router" if routed else None)
+    out = model(ids, **vision, labels=labels, sa_layers="router" if routed else None)
     assert out.logits.shape == (1, ids.shape[1], cfg.decoder.vocab_size)
     loss = out.loss
     if routed:  # the router learns from its own cross-entropy (pseudo-labels), not from the LM loss
@@ -81,7 +83,7 @@ def test_every_registered_model_runs_forward_and_backward(name):
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values()), [n for n, g in grads.items() if g is None]
-    assert grads["vision_tower.blocks.0.attn.qkv.weight"].abs().sum() > 0
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if n.startswith("vision_tower."))
 
 
 def test_unknown_model_name():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from cases_qwen2_vl import Qwen2VLCase
 from hf_oracle import left_pad
 
 import visorlib
@@ -11,12 +12,12 @@ from visorlib.processing import LlavaOnevisionProcessor
 ROUTING = 252
 
 
-def tiny_cfg(num_layers: int = 6, **visor):
-    """A 6-layer tiny model: CA at 0 and 3, SA candidates 1, 2, 4, a router before layer 2."""
+def tiny_cfg(num_layers: int = 6, card: str = "llava-ov-0.5b", **visor):
+    """A 6-layer tiny ``card``: CA at 0 and 3, SA candidates 1, 2, 4, a router before layer 2."""
     spec = dict(ca_layers=[0, 3], sa_layers=[1, 2, 4], configurations=[[1], [1, 2], [1, 4], [1, 2, 4]],
                 router=True, router_hidden=16, routing_token_id=ROUTING)
     spec.update(visor)
-    cfg = visorlib.get_config("llava-ov-0.5b").tiny().with_overrides({"decoder": {"num_layers": num_layers}})
+    cfg = visorlib.get_config(card).tiny().with_overrides({"decoder": {"num_layers": num_layers}})
     return cfg.with_overrides({"visor": spec}) if spec.get("sa_layers") is not None else cfg
 
 
@@ -118,8 +119,10 @@ class LlavaCase:
     def embed(self, model, inputs):
         """``(embeds, visual_mask, segments, position_ids)`` of a single unpadded sample."""
         ids = inputs["input_ids"]
-        embeds, visual, segments = model.embed(ids, inputs["pixel_values"], inputs["image_sizes"])
+        embeds, visual, segments = model.embed(ids, inputs["pixel_values"], inputs.get("image_sizes"))
         return embeds, visual, segments, torch.arange(ids.shape[1])[None]
 
 
-CASES = [LlavaCase()]
+from cases_fastvlm import FastVLMCase  # noqa: E402 - it subclasses LlavaCase, defined above
+
+CASES = [LlavaCase(), Qwen2VLCase(), FastVLMCase()]

@@ -43,7 +43,8 @@ class VisionConfig:
         in_channels: Colour channels of the input (3); a patch holds
             ``in_channels * temporal_patch_size * patch_size**2`` values.
         hidden_act: Activation of the tower's MLP (``siglip``): ``"gelu_tanh"`` as in SigLIP
-            (default) or ``"gelu"`` (exact, what timm's own SigLIP ViTs use).
+            (default) or ``"gelu"`` (exact, what timm's own SigLIP ViTs use); ``qwen2_vl`` cards
+            set ``"quick_gelu"`` (CLIP's ``x * sigmoid(1.702 x)``).
         timm_model: A timm architecture (``"vit_base_patch16_siglip_384"``, ``"fastvit_mci3"``)
             whose hyper-parameters fill in the tower; None (default) builds the tower from the
             fields above. When set, the fields the architecture determines are derived from it

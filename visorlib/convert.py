@@ -12,6 +12,7 @@ Three on-disk layouts of LLaVA-OneVision exist and all load:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,13 +36,19 @@ HF_LLAVA_ONEVISION_KEYS: list[tuple[str, str]] = [
 HF_IGNORED_KEYS = re.compile(r"^vision_tower\.head\.")
 
 
-def convert_llava_onevision_state(hf_state: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
+def convert_llava_onevision_state(
+    hf_state: dict[str, torch.Tensor],
+    tied: bool,
+    vision_map: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = siglip_key_map,
+) -> dict[str, torch.Tensor]:
     """Rename a Hugging Face LLaVA-OneVision state dict to visorlib's module names.
 
     Args:
         hf_state: Tensors keyed as in any of the three layouts above.
         tied: Whether the model ties its LM head to the embeddings (an ``lm_head`` in the file is
             then dropped, as transformers does).
+        vision_map: Converts the vision tower's keys (relative to ``vision_tower.``); SigLIP's by
+            default. FastVLM, whose transformers layout is otherwise the same, passes ``dict``.
     """
     out: dict[str, torch.Tensor] = {}
     vision: dict[str, torch.Tensor] = {}
@@ -55,7 +62,7 @@ def convert_llava_onevision_state(hf_state: dict[str, torch.Tensor], tied: bool)
             vision[new[len("vision_tower."):]] = value
         else:
             out[new] = value
-    out.update({"vision_tower." + k: v for k, v in siglip_key_map(vision).items()})
+    out.update({"vision_tower." + k: v for k, v in vision_map(vision).items()})
     return out
 
 
@@ -78,25 +85,7 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json", name: str | 
             raise ConfigError(f"{source}: {key}={hf[key]!r} is not supported (only {expected!r})")
     if vision.get("hidden_act", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise ConfigError(f"{source}: vision_config.hidden_act {vision['hidden_act']!r} is not supported")
-    rope = text.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ConfigError(f"{source}: text_config rope_type {rope['rope_type']!r} is not supported")
-    heads = text.get("num_attention_heads", 14)
-    hidden = text.get("hidden_size", 896)
-    if text.get("head_dim", hidden // heads) != hidden // heads:
-        raise ConfigError(f"{source}: text_config.head_dim must equal hidden_size / num_attention_heads")
-    decoder = DecoderConfig(
-        vocab_size=text.get("vocab_size", 152000),
-        hidden_size=hidden,
-        intermediate_size=text.get("intermediate_size", 4864),
-        num_layers=text.get("num_hidden_layers", 24),
-        num_heads=heads,
-        num_kv_heads=text.get("num_key_value_heads", heads),
-        rope_theta=float(text.get("rope_theta", rope.get("rope_theta", 10000.0))),
-        rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=text.get("max_position_embeddings", 32768),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings") or text.get("tie_word_embeddings")),
-    )
+    decoder = decoder_config_from_hf(text, bool(hf.get("tie_word_embeddings") or text.get("tie_word_embeddings")), source)
     vision_cfg = VisionConfig(
         image_size=vision.get("image_size", 384),
         patch_size=vision.get("patch_size", 14),
@@ -127,4 +116,36 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json", name: str | 
         projector_act={"gelu_pytorch_tanh": "gelu_tanh"}.get(act, act),
         processing=processing,
         tokens=tokens,
+    )
+
+
+def decoder_config_from_hf(text: dict[str, Any], tied: bool, source: str = "config.json") -> DecoderConfig:
+    """A :class:`DecoderConfig` from a Hugging Face Qwen2 ``text_config`` (or a flat Qwen2 config).
+
+    Args:
+        text: The Qwen2 fields (``hidden_size``, ``num_hidden_layers``, ``rope_parameters`` ...).
+        tied: Whether the LM head shares the embedding matrix.
+        source: Named in errors.
+
+    Raises:
+        ConfigError: for rotary scaling or head sizes visorlib does not implement.
+    """
+    rope = text.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ConfigError(f"{source}: text_config rope_type {rope['rope_type']!r} is not supported")
+    heads = text.get("num_attention_heads", 14)
+    hidden = text.get("hidden_size", 896)
+    if text.get("head_dim", hidden // heads) != hidden // heads:
+        raise ConfigError(f"{source}: text_config.head_dim must equal hidden_size / num_attention_heads")
+    return DecoderConfig(
+        vocab_size=text.get("vocab_size", 152000),
+        hidden_size=hidden,
+        intermediate_size=text.get("intermediate_size", 4864),
+        num_layers=text.get("num_hidden_layers", 24),
+        num_heads=heads,
+        num_kv_heads=text.get("num_key_value_heads", heads),
+        rope_theta=float(text.get("rope_theta", rope.get("rope_theta", 10000.0))),
+        rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=text.get("max_position_embeddings", 32768),
+        tie_word_embeddings=tied,
     )

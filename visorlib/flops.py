@@ -5,11 +5,17 @@ checked against each other): a matmul of ``[m, k] @ [k, n]`` costs ``2*m*k*n``; 
 ``2 * Lq * Lk * head_dim`` per head for the scores and the same again for the weighted sum, over
 the *full* ``Lq x Lk`` rectangle (SDPA does not skip the masked half); norms, activations,
 rotary embeddings and softmax are ignored (they are O(L*d), below 1 % at these sizes).
+The one exception to "analytic" is FastVLM's FastViT tower, whose FLOPs are counted once per
+configuration on the meta device (:func:`counted_tower_flops`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from .config import DecoderConfig, ModelConfig, VisionConfig
 
@@ -53,8 +59,17 @@ def attention_core_flops(q_len: int, k_len: int, heads: int, head_dim: int) -> f
     return 4.0 * q_len * k_len * heads * head_dim
 
 
-def vision_tower_flops(cfg: VisionConfig, tiles: int) -> float:
-    """ViT forward over ``tiles`` tiles (patch embedding + blocks)."""
+def vision_tower_flops(cfg: VisionConfig, tiles: int | Sequence[int]) -> float:
+    """ViT forward over ``tiles`` tiles (patch embedding + blocks); FastViT is counted, see below.
+
+    For ``qwen2_vl`` (no tiles) ``tiles`` counts *patches* instead: those of one attention
+    sequence (one image, or one temporal patch of a video), or a list with one count per sequence
+    (see :func:`qwen2_vl_tower_flops`).
+    """
+    if cfg.kind == "fastvit":
+        return tiles * counted_tower_flops(cfg) if tiles else 0.0
+    if cfg.kind == "qwen2_vl":
+        return qwen2_vl_tower_flops(cfg, tiles)
     tokens = cfg.tokens_per_tile
     per_tile = linear_flops(tokens, 3 * cfg.patch_size**2, cfg.hidden_size)
     block = (
@@ -64,6 +79,62 @@ def vision_tower_flops(cfg: VisionConfig, tiles: int) -> float:
         + 2 * linear_flops(tokens, cfg.hidden_size, cfg.intermediate_size)
     )
     return tiles * (per_tile + cfg.num_layers * block)
+
+
+def _sequences(patches: int | Sequence[int]) -> list[int]:
+    return [patches] if isinstance(patches, int) else [int(n) for n in patches]
+
+
+def qwen2_vl_tower_flops(cfg: VisionConfig, patches: int | Sequence[int]) -> float:
+    """Qwen2-VL's ViT over ``patches``: one count per attention sequence (frame), or one int.
+
+    Attention stays within a frame, so its cost is a sum of squares of the frames' patch counts;
+    the linear layers cost in proportion to all patches together.
+    """
+    lengths = _sequences(patches)
+    total, width = sum(lengths), cfg.hidden_size
+    embed = linear_flops(total, cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2, width)
+    blocks = (
+        linear_flops(total, width, 4 * width)  # qkv and output projections
+        + 2 * linear_flops(total, width, cfg.intermediate_size)
+        + sum(attention_core_flops(n, n, cfg.num_heads, width // cfg.num_heads) for n in lengths)
+    )
+    return embed + cfg.num_layers * blocks
+
+
+def qwen2_vl_merger_flops(cfg: VisionConfig, patches: int | Sequence[int], out_dim: int) -> float:
+    """Qwen2-VL's patch merger (the projector): 2x2 patches -> one token of width ``out_dim``."""
+    tokens = sum(_sequences(patches)) // cfg.spatial_merge_size**2
+    merged = cfg.hidden_size * cfg.spatial_merge_size**2
+    return linear_flops(tokens, merged, merged) + linear_flops(tokens, merged, out_dim)
+
+
+def counted_tower_flops(cfg: VisionConfig) -> float:
+    """FLOPs of one tile through the vision tower, counted by running it on the meta device.
+
+    A formula for FastViT would have to follow dozens of convolution shapes (re-parameterised
+    stems, depth-wise mixers, strided downsampling, squeeze-excite) and drift whenever timm
+    changes; instead the tower is built on the meta device (no memory, no arithmetic) and one
+    ``[1, 3, S, S]`` tile is pushed through it under ``FlopCounterMode``, which applies the same
+    counting rules as the rest of this module. The result is cached per tower configuration.
+    """
+    return _counted_tower_flops(json.dumps(dataclasses.asdict(cfg), sort_keys=True))
+
+
+@lru_cache(maxsize=32)
+def _counted_tower_flops(cfg_json: str) -> float:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .backbones import build_vision_tower
+
+    cfg = VisionConfig(**json.loads(cfg_json))
+    with torch.device("meta"):
+        tower = build_vision_tower(cfg)
+        pixels = torch.empty(1, 3, cfg.image_size, cfg.image_size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        tower(pixels)
+    return float(counter.get_total_flops())
 
 
 def decoder_layer_flops(cfg: DecoderConfig, q_len: int, k_len: int | None = None) -> float:
@@ -112,7 +183,7 @@ def prefill_flops(
     cfg: ModelConfig,
     n_visual: int,
     n_text: int,
-    tiles: int = 0,
+    tiles: int | Sequence[int] = 0,
     sa_layers: object = None,
     logits_for: int = 1,
     bytes_per_value: int = 2,
@@ -123,7 +194,8 @@ def prefill_flops(
         cfg: The model.
         n_visual: Visual tokens in the language model's sequence (after any packing).
         n_text: Text tokens in the sequence.
-        tiles: Tiles (or frames) through the vision tower; 0 counts the language model only.
+        tiles: Tiles (or frames) through the vision tower; 0 counts the language model only. For
+            Qwen2-VL, patches (an int, or one count per frame; see :func:`vision_tower_flops`).
         sa_layers: Configuration (None = the card's default, ``"all"``, or a list of SA layers).
         logits_for: Positions whose logits are computed (1 for generation).
         bytes_per_value: KV-cache element size (2 for bf16/fp16).
@@ -138,9 +210,12 @@ def prefill_flops(
     packed = cfg.feature_grid_size**2
     packing = cfg.visor is not None and cfg.visor.packing_ratio > 1
     width = cfg.vision.hidden_size * (4 if packing else 1)
-    report.components["projector"] = linear_flops(tiles * packed, width, dec.hidden_size) + linear_flops(
-        tiles * packed, dec.hidden_size, dec.hidden_size
-    )
+    if cfg.vision.kind == "qwen2_vl":
+        report.components["projector"] = qwen2_vl_merger_flops(cfg.vision, tiles, dec.hidden_size)
+    else:
+        report.components["projector"] = linear_flops(tiles * packed, width, dec.hidden_size) + linear_flops(
+            tiles * packed, dec.hidden_size, dec.hidden_size
+        )
     text_layers = self_layers = cross = 0.0
     cached_tokens = 0
     for index, role in enumerate(plan.roles):
@@ -188,7 +263,7 @@ def flops(
     model_or_name,
     n_visual: int,
     n_text: int,
-    tiles: int = 0,
+    tiles: int | Sequence[int] = 0,
     sa_layers: object = None,
     logits_for: int = 1,
 ) -> FlopReport:
@@ -198,7 +273,8 @@ def flops(
         model_or_name: A built model (anything with ``.cfg``), a zoo card name, or a config.
         n_visual: Visual tokens in the language model's sequence.
         n_text: Text tokens in the sequence.
-        tiles: Tiles through the vision tower (0: language model only, as the VISOR paper counts).
+        tiles: Tiles through the vision tower (0: language model only, as the VISOR paper counts);
+            patches for Qwen2-VL (see :func:`vision_tower_flops`).
         sa_layers: Configuration: None (card default), ``"all"``, or a list of SA layers.
         logits_for: Positions whose logits are computed.
     """

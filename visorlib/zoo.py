@@ -173,7 +173,10 @@ def from_pretrained(
     dtype: torch.dtype | None = None,
     **overrides: Any,
 ) -> nn.Module:
-    """Load a visorlib checkpoint or a Hugging Face LLaVA-OneVision checkpoint.
+    """Load a visorlib checkpoint, or a Hugging Face checkpoint of a supported family.
+
+    The family comes from ``config.json``'s ``model_type``: LLaVA-OneVision, Qwen2-VL, FastVLM
+    (transformers' ``fast_vlm`` and Apple's original ``llava_qwen2``).
 
     Args:
         path_or_hub_id: A local folder or a Hub repo id (``"llava-hf/llava-onevision-qwen2-0.5b-ov-hf"``).

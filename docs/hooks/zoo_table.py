@@ -45,6 +45,13 @@ def _base(name: str) -> str | None:
     return data.get("base") if isinstance(data, dict) else None
 
 
+def _input_size(vision) -> str:
+    """How the tower sees an image: fixed tiles, or (Qwen2-VL) any size in steps of a unit."""
+    if vision.kind == "qwen2_vl":
+        return f"any resolution (multiples of {vision.image_size} px)"
+    return f"{vision.image_size} px tiles"
+
+
 def _plan(model) -> str:
     """One cell describing the card's VISOR layer plan ("dense" without one)."""
     plan = model.plan
@@ -73,7 +80,7 @@ def _rows() -> tuple[list[str], list[str]]:
         model = visorlib.build(name, device="meta")
         vision, decoder = cfg.vision, cfg.decoder
         backbones = (
-            f"`{vision.kind}`: {vision.image_size} px tiles, {vision.patch_size} px patches, width "
+            f"`{vision.kind}`: {_input_size(vision)}, {vision.patch_size} px patches, width "
             f"{vision.hidden_size}<br>`{decoder.kind}`: width {decoder.hidden_size}, {decoder.num_heads} heads "
             f"({decoder.num_kv_heads} KV), {'tied' if decoder.tie_word_embeddings else 'untied'} head"
         )

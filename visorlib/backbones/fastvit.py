@@ -82,6 +82,27 @@ class FastVitTower(nn.Module):
         # The attribute name matches transformers' TimmWrapperModel, so FastVLM keys map by prefix.
         self.timm_model = create_fastvit(cfg.timm_model, cfg.timm_kwargs)
 
+    @torch.no_grad()
+    def reset_tower_parameters(self) -> None:
+        """Random init that keeps activations alive through the convolution stack.
+
+        Convolutions get He (fan-in) scaling, linears timm's truncated normal(0.02), norms unit
+        scale and fresh statistics, layer scales timm's 1e-5 (blocks start near identity).
+        Called by :func:`visorlib.models.init_weights`; real use loads a checkpoint instead.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            elif isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+            elif isinstance(module, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)):
+                module.reset_parameters()
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for name, param in self.named_parameters():
+            if name.endswith(".gamma"):  # timm's LayerScale2d
+                nn.init.constant_(param, 1e-5)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Visual tokens of each tile.
 

@@ -51,7 +51,9 @@ class Qwen2Attention(nn.Module):
         v = self.split_heads(self.v_proj(x), self.num_kv_heads)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        out = attend(q, k, v, mask, implementation, is_causal=mask is None and cache is None)
+        # No mask means no padding: causal when queries and keys are the same tokens (a prefill,
+        # with or without a cache); a decode step's single query may see every cached key.
+        out = attend(q, k, v, mask, implementation, is_causal=mask is None and q.shape[2] == k.shape[2])
         return self.o_proj(out.transpose(1, 2).reshape(*x.shape[:2], -1))
 
 

@@ -19,13 +19,14 @@ Resolution" (https://arxiv.org/abs/2409.12191). A ViT that takes images at their
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import VisionConfig
+from ..config import ConfigError, VisionConfig
 from ..layers import RotaryEmbedding, apply_rotary, attend
 
 VISION_ROPE_THETA = 10000.0  # fixed in every released Qwen2-VL checkpoint
@@ -34,6 +35,13 @@ VISION_ROPE_THETA = 10000.0  # fixed in every released Qwen2-VL checkpoint
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """CLIP's sigmoid approximation of GELU, which Qwen2-VL's ViT was trained with."""
     return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "quick_gelu": quick_gelu,
+    "gelu": F.gelu,
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+}
 
 
 def patch_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
@@ -97,15 +105,19 @@ class VisionAttention(nn.Module):
 
 
 class VisionMLP(nn.Module):
-    """``fc2(quick_gelu(fc1(x)))``."""
+    """``fc2(act(fc1(x)))``; ``act`` is ``cfg.hidden_act`` (``quick_gelu`` in Qwen2-VL)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
+        if cfg.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"vision.hidden_act {cfg.hidden_act!r} is not supported by qwen2_vl "
+                              f"(choose from {', '.join(ACTIVATIONS)})")
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.act = ACTIVATIONS[cfg.hidden_act]
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(quick_gelu(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class VisionBlock(nn.Module):

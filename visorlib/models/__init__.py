@@ -7,6 +7,7 @@ Adding a backbone means adding one :class:`Family` here (see ``docs/adding-a-bac
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from torch import nn
 from ..config import ConfigError, ModelConfig
 from ..layers import RMSNorm
 from .llava_onevision import InputError, LlavaOnevision, ModelOutput
+from .qwen2_vl import Qwen2VL
 
 
 @dataclass(frozen=True)
@@ -38,31 +40,52 @@ class Family:
     convert_state: Callable
 
 
-def _llava_onevision_processor(cfg, source=None):
-    from ..processing import LlavaOnevisionProcessor
+def _lazy(module: str, name: str) -> Callable:
+    """``visorlib.<module>.<name>``, imported on the first call (importing visorlib stays light)."""
 
-    return LlavaOnevisionProcessor(cfg) if source is None else LlavaOnevisionProcessor.from_pretrained(cfg, source)
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(f"visorlib.{module}"), name)(*args, **kwargs)
 
-
-def _llava_onevision_state(state, cfg):
-    from ..convert import convert_llava_onevision_state
-
-    return convert_llava_onevision_state(state, tied=cfg.decoder.tie_word_embeddings)
+    return call
 
 
-def _llava_onevision_config(hf, source, name):
-    from ..convert import config_from_hf
+def _processor(name: str) -> Callable:
+    """Factory ``(cfg, tokenizer_source_or_None)`` of the processor class ``visorlib.processing.<name>``."""
 
-    return config_from_hf(hf, source, name)
+    def make(cfg, source=None):
+        cls = getattr(importlib.import_module("visorlib.processing"), name)
+        return cls(cfg) if source is None else cls.from_pretrained(cfg, source)
+
+    return make
+
+
+def _state(module: str, name: str) -> Callable:
+    """``(hf_state, cfg) -> state`` from a converter ``(hf_state, tied) -> state`` in ``visorlib.<module>``."""
+    convert = _lazy(module, name)
+    return lambda state, cfg: convert(state, tied=cfg.decoder.tie_word_embeddings)
 
 
 FAMILIES: dict[str, Family] = {
     "llava_onevision": Family(
         model=LlavaOnevision,
-        processor=_llava_onevision_processor,
+        processor=_processor("LlavaOnevisionProcessor"),
         hf_model_types=("llava_onevision",),
-        config_from_hf=_llava_onevision_config,
-        convert_state=_llava_onevision_state,
+        config_from_hf=_lazy("convert", "config_from_hf"),
+        convert_state=_state("convert", "convert_llava_onevision_state"),
+    ),
+    # FastVLM is LLaVA-OneVision's assembly with a FastViT tower, one padded tile per image and no
+    # image_newline (card fields), so it reuses the model and processor; only the converters differ.
+    "fast_vlm": Family(
+        model=LlavaOnevision,
+        processor=_processor("LlavaOnevisionProcessor"),
+        hf_model_types=("fast_vlm", "llava_qwen2"),
+        config_from_hf=_lazy("convert_fastvlm", "fastvlm_config_from_hf"),
+        convert_state=_state("convert_fastvlm", "convert_fastvlm_state"),
+    ),
+    "qwen2_vl": Family(
+        model=Qwen2VL, processor=_processor("Qwen2VLProcessor"), hf_model_types=("qwen2_vl",),
+        config_from_hf=_lazy("convert_qwen2_vl", "config_from_hf"),
+        convert_state=_state("convert_qwen2_vl", "convert_qwen2_vl_state"),
     ),
 }
 
@@ -106,6 +129,13 @@ def init_weights(model: nn.Module, std: float = 0.02) -> nn.Module:
             nn.init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_parameters()  # unit scale, zero shift and fresh running statistics (FastViT)
+    for module in model.modules():
+        # A tower whose random init must differ from the above re-initialises itself (FastViT: a
+        # deep convolution stack whose activations would vanish at std 0.02).
+        if hasattr(module, "reset_tower_parameters"):
+            module.reset_tower_parameters()
     for name, param in model.named_parameters():
         if name.endswith("pos_embed"):
             nn.init.normal_(param, std=std)
@@ -114,5 +144,5 @@ def init_weights(model: nn.Module, std: float = 0.02) -> nn.Module:
     return model
 
 
-__all__ = ["FAMILIES", "Family", "InputError", "LlavaOnevision", "ModelOutput", "family_for_hf", "family_of",
+__all__ = ["FAMILIES", "Family", "InputError", "LlavaOnevision", "ModelOutput", "Qwen2VL", "family_for_hf", "family_of",
            "init_weights", "model_class"]

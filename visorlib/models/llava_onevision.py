@@ -21,7 +21,6 @@ from ..cache import KVCache
 from ..config import ModelConfig
 from ..generation import GenerationMixin
 from ..hub import PretrainedMixin
-from ..layers import positions_from_mask
 from ..processing import anyres
 from .multimodal import InputError, Media, ModelOutput, MultimodalMixin
 from .visor import VisorMixin
@@ -223,11 +222,6 @@ class LlavaOnevision(VisorMixin, MultimodalMixin, GenerationMixin, PretrainedMix
                 of SA layers, or one list per sample. A dense model accepts only None or ``"all"``.
                 Ignored after the prefill: decode steps keep the prefill's configuration.
         """
-        past = cache.seen if cache is not None else 0
-        embeds, visual_mask, segments = self.embed(input_ids, pixel_values, image_sizes, pixel_values_videos,
-                                                   batch_num_images)
-        attention_mask = self.full_attention_mask(input_ids, attention_mask, past)
-        if position_ids is None:
-            position_ids = positions_from_mask(attention_mask)[:, past:]
-        return self.run_language_model(input_ids, embeds, visual_mask, segments, attention_mask, position_ids, labels,
-                                       cache, logits_to_keep, sa_layers)
+        embedded = self.embed(input_ids, pixel_values, image_sizes, pixel_values_videos, batch_num_images)
+        return self.run_language_model(input_ids, embedded, attention_mask, position_ids, labels, cache, logits_to_keep,
+                                       sa_layers)

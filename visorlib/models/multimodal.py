@@ -8,8 +8,9 @@ give them. From there on the path is the same and is written once, in :class:`Mu
   over its run of placeholder ids, numbers the visual tokens by image (``segments``, which the
   cross-attention's positional convolution needs) and puts the router's learned token where the
   routing id sits;
-* :meth:`~MultimodalMixin.run_language_model` runs the decoder under the VISOR plan and returns
-  the logits (text positions only under a VISOR plan) and the next-token loss.
+* :meth:`~MultimodalMixin.run_language_model` checks the attention mask, asks the family for
+  its rotary positions, runs the decoder under the VISOR plan and returns the logits (text
+  positions only under a VISOR plan) and the next-token loss.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from ..cache import KVCache
 from ..config import ModelConfig
+from ..layers import positions_from_mask
 from .executor import compact, gather_tokens, scatter_tokens
 
 
@@ -127,31 +129,43 @@ class MultimodalMixin:
             first_segment += len(parts)
         return embeds, visual_mask, segments
 
-    def full_attention_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past: int) -> torch.Tensor:
-        """``attention_mask`` checked against cached + new tokens (all ones when None)."""
-        batch, length = input_ids.shape
-        if attention_mask is None:
-            return torch.ones(batch, past + length, dtype=torch.long, device=input_ids.device)
-        if attention_mask.shape != (batch, past + length):
-            raise InputError(
-                f"attention_mask must be [{batch}, {past + length}] (cached + new tokens), got {list(attention_mask.shape)}"
-            )
-        return attention_mask
-
     def run_language_model(
         self,
         input_ids: torch.Tensor,
-        embeds: torch.Tensor,
-        visual_mask: torch.Tensor,
-        segments: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
+        embedded: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
         labels: torch.Tensor | None,
         cache: KVCache | None,
         logits_to_keep: int,
         sa_layers: object,
+        default_positions: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> ModelOutput:
-        """The decoder under the VISOR plan, then logits and (with ``labels``) the loss."""
+        """The decoder under the VISOR plan, then logits and (with ``labels``) the loss.
+
+        Args:
+            input_ids: ``[B, L]`` new tokens.
+            embedded: ``(embeddings, visual_mask, segments)`` from :meth:`scatter_media`.
+            attention_mask: ``[B, L_cache + L]``, 0 on padding; None means no padding.
+            position_ids: Rotary positions of the new tokens; None asks ``default_positions``.
+            labels: ``[B, L]`` targets (-100 = ignore) for a next-token loss.
+            cache: A :class:`KVCache` to fill (prefill) or extend (decode).
+            logits_to_keep: Compute logits for the last N positions only (0 = all).
+            sa_layers: VISOR configuration (see :meth:`~visorlib.models.visor.VisorMixin.resolve_configurations`).
+            default_positions: The family's rule ``(full attention mask) -> positions``; the
+                default counts real tokens, so left padding does not shift them.
+        """
+        embeds, visual_mask, segments = embedded
+        batch, length = input_ids.shape
+        past = cache.seen if cache is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=input_ids.device)
+        if attention_mask.shape != (batch, past + length):
+            raise InputError(
+                f"attention_mask must be [{batch}, {past + length}] (cached + new tokens), got {list(attention_mask.shape)}"
+            )
+        if position_ids is None:
+            position_ids = (default_positions or (lambda mask: positions_from_mask(mask)[:, past:]))(attention_mask)
         hidden, configs, router_logits = self.run_decoder(
             embeds, position_ids, attention_mask, visual_mask, segments, self.routing_mask(input_ids), sa_layers, cache
         )

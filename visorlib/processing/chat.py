@@ -23,6 +23,9 @@ Two deliberate differences from rendering the Jinja template with transformers:
   the string's characters looking for ``type`` keys and so silently drops the text.
 * Parts of an unknown ``type`` raise ``ValueError`` instead of being silently skipped, and a
   bare string inside a ``content`` list is taken as a text part.
+
+:func:`apply_qwen2_vl_chat_template` renders the Qwen2-VL checkpoints' format from the same
+message structure (same parsing and the same two differences).
 """
 
 from __future__ import annotations
@@ -104,6 +107,48 @@ def apply_chat_template(
         videos = sum(part["type"] in _VIDEO_TYPES for part in parts)
         texts = "".join("\n" + part["text"] for part in parts if part["type"] in _TEXT_TYPES)
         pieces.append(f"{IM_START}{message['role']} {IMAGE_TOKEN * images}{VIDEO_TOKEN * videos}{texts}{IM_END}")
+    if add_generation_prompt:
+        pieces.append(f"{IM_START}assistant\n")
+    return "".join(pieces)
+
+
+QWEN2_VL_SYSTEM = "You are a helpful assistant."
+
+
+def apply_qwen2_vl_chat_template(
+    messages: Sequence[Mapping[str, Any]] | Mapping[str, Any],
+    add_generation_prompt: bool = True,
+    add_vision_id: bool = False,
+) -> str:
+    """Render a conversation into the prompt format of the ``Qwen/Qwen2-VL-*`` checkpoints.
+
+    The Hub template (``chat_template.json``), in plain Python: a default system turn
+    (``"You are a helpful assistant."``) unless the first message is a system message; then per
+    message ``<|im_start|>{role}\n{parts}<|im_end|>\n``, the parts in their order, each image as
+    ``<|vision_start|><|image_pad|><|vision_end|>`` and each video with ``<|video_pad|>``.
+
+    Args:
+        messages: As for :func:`apply_chat_template`.
+        add_generation_prompt: End with ``<|im_start|>assistant\n`` so the model answers next.
+        add_vision_id: Prefix each image with ``Picture N: `` and each video with ``Video N: ``.
+
+    Returns:
+        The prompt, with one ``<|image_pad|>`` / ``<|video_pad|>`` per image / video (the
+        processor expands each into the right number of visual tokens).
+    """
+    pieces, seen = [], {"Picture": 0, "Video": 0}
+    for index, message in enumerate(_check_messages(messages)):
+        if index == 0 and message["role"] != "system":
+            pieces.append(f"{IM_START}system\n{QWEN2_VL_SYSTEM}{IM_END}\n")
+        body = []
+        for part in _parts(message, index):
+            if part["type"] in _TEXT_TYPES:
+                body.append(part["text"])
+                continue
+            label, pad = ("Picture", "<|image_pad|>") if part["type"] in _IMAGE_TYPES else ("Video", "<|video_pad|>")
+            seen[label] += 1
+            body.append((f"{label} {seen[label]}: " if add_vision_id else "") + f"<|vision_start|>{pad}<|vision_end|>")
+        pieces.append(f"{IM_START}{message['role']}\n{''.join(body)}{IM_END}\n")
     if add_generation_prompt:
         pieces.append(f"{IM_START}assistant\n")
     return "".join(pieces)

@@ -90,25 +90,36 @@ def _list_videos(videos: Any) -> list[Any]:
     return list(videos)
 
 
-class LlavaOnevisionProcessor:
-    """Prepares prompts and images/videos for a LLaVA-OneVision model.
+class ChatProcessor:
+    """What every family's processor shares: tokenizer, routing token, padding, chat, decoding.
+
+    A family's processor subclasses it and adds its image pipeline (``__call__``), its
+    placeholder expansion and its chat template (``apply_chat_template``); ``image_token`` and
+    ``video_token`` name its placeholder tokens.
 
     Args:
-        cfg: The model's configuration (tile size, pinpoints, token ids, mean/std).
+        cfg: The model's configuration (token ids, image preprocessing).
         tokenizer: The model's tokenizer; may be None to preprocess pixels only.
 
     Raises:
-        ValueError: The tokenizer's ``<image>`` / ``<video>`` ids differ from ``cfg.tokens``.
+        ValueError: The tokenizer's image / video placeholder ids differ from ``cfg.tokens``.
     """
 
     image_token = IMAGE_TOKEN
     video_token = VIDEO_TOKEN
+    # How one image / video of LLaVA-style training data ("<image>") is written in this family's prompt.
+    data_image = IMAGE_TOKEN
+    data_video = VIDEO_TOKEN
+    # How the family's chat template opens and closes a turn, and its default system prompt (if any).
+    turn_open = IM_START + "{role} "
+    turn_close = IM_END
+    default_system: str | None = None
 
     def __init__(self, cfg: ModelConfig, tokenizer: Tokenizer | None = None):
         self.cfg = cfg
         self.tokenizer = tokenizer
         if tokenizer is not None:
-            expected = {IMAGE_TOKEN: cfg.tokens.image_token_id, VIDEO_TOKEN: cfg.tokens.video_token_id}
+            expected = {self.image_token: cfg.tokens.image_token_id, self.video_token: cfg.tokens.video_token_id}
             for token, token_id in expected.items():
                 found = tokenizer.token_to_id(token)
                 if found != token_id:
@@ -118,7 +129,7 @@ class LlavaOnevisionProcessor:
                     )
 
     @classmethod
-    def from_pretrained(cls, cfg: ModelConfig, path_or_hub_id: str | os.PathLike, **kwargs: Any) -> LlavaOnevisionProcessor:
+    def from_pretrained(cls, cfg: ModelConfig, path_or_hub_id: str | os.PathLike, **kwargs: Any) -> ChatProcessor:
         """Build with the tokenizer of a local directory or Hub repository.
 
         Args:
@@ -127,31 +138,6 @@ class LlavaOnevisionProcessor:
             **kwargs: Passed on to :meth:`Tokenizer.from_pretrained` (``revision``, ``eos_token``...).
         """
         return cls(cfg, Tokenizer.from_pretrained(path_or_hub_id, **kwargs))
-
-    # -- token counts (all arithmetic lives in anyres) -------------------------------------------
-
-    def num_image_tokens(self, image_size: Sequence[int], tiled: bool = True) -> int:
-        """Placeholder tokens for an image of ``(height, width)``.
-
-        ``tiled=False`` for images of multi-image samples; with ``processing.aspect_mode: pad``
-        (FastVLM) no image is tiled.
-        """
-        side = self.cfg.vision.image_size
-        return anyres.num_image_tokens(
-            image_size,
-            self.cfg.processing.pinpoints(side),
-            side,
-            self.cfg.feature_grid_size,
-            self.cfg.processing.max_tiles,
-            newline=self.cfg.use_image_newline,
-            tiled=tiled and self.cfg.processing.aspect_mode == "anyres",
-        )
-
-    def num_video_tokens(self, num_frames: int) -> int:
-        """Placeholder tokens for a video of ``num_frames`` frames."""
-        return anyres.num_video_tokens(num_frames, self.cfg.feature_grid_size, newline=self.cfg.use_image_newline)
-
-    # -- main entry point -------------------------------------------------------------------------
 
     def __call__(
         self,
@@ -164,24 +150,35 @@ class LlavaOnevisionProcessor:
         """Tokenize prompts and preprocess their images and videos.
 
         Args:
-            text: One prompt or a batch; ``<image>`` / ``<video>`` mark where each goes.
-            images: One image, a flat list (assigned to samples in placeholder order), or one list
-                per sample. PIL images, ``numpy.ndarray`` or ``torch.Tensor``.
-            videos: One video (list of frames, or ``[F, H, W, C]`` / ``[F, C, H, W]``) or a list of
-                videos, in placeholder order. All videos must have the same number of frames.
+            text: One prompt or a batch, with one placeholder (``image_token`` / ``video_token``)
+                where each image / video goes.
+            images: The images, in placeholder order (the forms :meth:`preprocess` accepts).
+            videos: The videos, in placeholder order.
             padding_side: ``"left"`` (for generation) or ``"right"``.
             return_tensors: ``"pt"`` for tensors, None for Python lists of ids.
 
         Returns:
-            ``input_ids`` and ``attention_mask`` (when ``text`` is given), ``pixel_values``
-            ``[images, tiles, 3, S, S]``, ``image_sizes`` ``[images, 2]`` and ``batch_num_images``
-            (images per sample that has any; when images are given), ``pixel_values_videos``
-            ``[videos, F, 3, S, S]`` (when videos are given).
+            ``input_ids`` and ``attention_mask`` (when ``text`` is given; each placeholder expanded
+            to one id per visual token), and the pixel tensors of :meth:`preprocess`.
 
         Raises:
             ValueError: Placeholder counts that do not match the images/videos, bad inputs, or
                 text without a tokenizer.
         """
+        texts = self._texts(text, images, videos, padding_side, return_tensors)
+        out, image_counts, video_counts = self.preprocess(texts, images, videos)
+        if texts is not None:
+            ids = self._tokenize(texts, image_counts, video_counts)
+            out = {**self._pad(ids, padding_side, return_tensors), **out}
+        return out
+
+    def preprocess(self, texts: list[str] | None, images: Any, videos: Any) -> tuple[dict[str, Any], list[int], list[int]]:
+        """The family's pixel tensors, and how many visual tokens each image / video becomes."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _texts(text: Any, images: Any, videos: Any, padding_side: str, return_tensors: str | None) -> list[str] | None:
+        """Validate ``__call__``'s arguments; the prompts as a list (None without text)."""
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if return_tensors not in ("pt", None):
@@ -191,48 +188,15 @@ class LlavaOnevisionProcessor:
             raise ValueError("text must be a string or a non-empty list of strings")
         if texts is None and images is None and videos is None:
             raise ValueError("nothing to process: pass text, images or videos")
-
-        out: dict[str, Any] = {}
-        if texts is None:
-            # Pixels only: a flat list makes every image its own single-image sample, as in HF.
-            flat = images if isinstance(images, (list, tuple)) else [] if images is None else [images]
-            nested = bool(flat) and all(isinstance(item, (list, tuple)) for item in flat)
-            groups = [list(g) for g in flat] if nested else [[image] for image in flat]
-        else:
-            groups = _group_images(images, [t.count(IMAGE_TOKEN) for t in texts])
-        flat_images = [image for group in groups for image in group]
-        # Anyres tiling is for the only image of a sample; "pad" mode (FastVLM) never tiles.
-        anyres_mode = self.cfg.processing.aspect_mode == "anyres"
-        tiled = [anyres_mode and len(group) == 1 for group in groups for _ in group]
-        if flat_images:
-            out.update(preprocess_images(flat_images, self.cfg, tiled=tiled))
-            out["batch_num_images"] = torch.tensor([len(g) for g in groups if g], dtype=torch.long)
-
-        video_list = _list_videos(videos)
-        if texts is not None:
-            placed = sum(t.count(VIDEO_TOKEN) for t in texts)
-            if placed != len(video_list):
-                raise ValueError(f"the text holds {placed} {VIDEO_TOKEN} placeholders but {len(video_list)} videos were passed")
-        if video_list:
-            clips = [preprocess_video(video, self.cfg) for video in video_list]
-            frame_counts = [clip.shape[1] for clip in clips]
-            if len(set(frame_counts)) > 1:
-                raise ValueError(f"videos in one batch must have the same number of frames, got {frame_counts}")
-            out["pixel_values_videos"] = torch.cat(clips)
-
-        if texts is not None:
-            image_counts = [self.num_image_tokens(size, t) for size, t in zip(out.get("image_sizes", []), tiled, strict=True)]
-            video_counts = [self.num_video_tokens(n) for n in (frame_counts if video_list else [])]
-            ids = self._tokenize(texts, image_counts, video_counts)
-            out = {**self._pad(ids, padding_side, return_tensors), **out}
-        return out
+        return texts
 
     def _tokenize(self, texts: list[str], image_counts: list[int], video_counts: list[int]) -> list[list[int]]:
         """Expand placeholders in text (as HF does, before tokenizing) and encode."""
         if self.tokenizer is None:
             raise ValueError("this processor has no tokenizer; build it with one to process text")
-        counts = {IMAGE_TOKEN: iter(image_counts), VIDEO_TOKEN: iter(video_counts)}
-        expanded = [_PLACEHOLDER.sub(lambda m: m.group(0) * next(counts[m.group(0)]), t) for t in texts]
+        counts = {self.image_token: iter(image_counts), self.video_token: iter(video_counts)}
+        placeholder = re.compile(f"({re.escape(self.image_token)}|{re.escape(self.video_token)})")
+        expanded = [placeholder.sub(lambda m: m.group(0) * next(counts[m.group(0)]), t) for t in texts]
         ids = [self._encode_with_routing(t) for t in expanded]
         # The expansion only works if the tokenizer keeps each placeholder as one special token.
         wanted = {self.cfg.tokens.image_token_id: sum(image_counts), self.cfg.tokens.video_token_id: sum(video_counts)}
@@ -274,13 +238,6 @@ class LlavaOnevisionProcessor:
             return {"input_ids": torch.tensor(input_ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long)}
         return {"input_ids": input_ids, "attention_mask": mask}
 
-    # -- conveniences -----------------------------------------------------------------------------
-
-    @staticmethod
-    def apply_chat_template(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-        """The llava-onevision-hf prompt for ``messages`` (see :func:`.chat.apply_chat_template`)."""
-        return apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-
     def chat(
         self,
         messages: Sequence[Mapping[str, Any]],
@@ -292,14 +249,14 @@ class LlavaOnevisionProcessor:
         """Render one conversation with the chat template, then process it like :meth:`__call__`.
 
         Args:
-            messages: The conversation (see :func:`.chat.apply_chat_template`).
+            messages: The conversation (see :meth:`apply_chat_template`).
             images: Images in placeholder order; when None, objects embedded in the image parts
                 (``{"type": "image", "image": pil_image}``) are used.
             videos: Videos in placeholder order; when None, embedded ``"video"`` objects are used.
             add_generation_prompt: End the prompt with the assistant turn header.
             **kwargs: ``padding_side`` / ``return_tensors`` for :meth:`__call__`.
         """
-        prompt = apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        prompt = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         if self.cfg.visor is not None and self.cfg.visor.router:
             # The router reads a routing token placed after every question (paper §4.3).
             prompt = _USER_TURN_END.sub(lambda m: m.group(1) + ROUTE_TOKEN + m.group(2), prompt)
@@ -312,6 +269,19 @@ class LlavaOnevisionProcessor:
             images = None
         return self(text=prompt, images=images, videos=videos, **kwargs)
 
+    def profile_ids(self, n_visual: int, n_text: int, seed: int = 0) -> torch.Tensor:
+        """``[1, L]``: ``n_text`` random ordinary ids, half before and half after ``n_visual`` image ids.
+
+        For measuring cost without a tokenizer (``visorlib profile``).
+        """
+        tokens = self.cfg.tokens
+        vocab = min(1000, self.cfg.decoder.vocab_size, tokens.image_token_id, tokens.video_token_id)
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.cat([torch.randint(0, vocab, (n_text // 2,), generator=g),
+                         torch.full((n_visual,), tokens.image_token_id),
+                         torch.randint(0, vocab, (n_text - n_text // 2,), generator=g)])
+        return ids[None]
+
     def encode_turns(
         self, turns: Sequence[tuple[str, str]], images: Sequence[Any] = (), videos: Sequence[Any] = ()
     ) -> dict[str, Any]:
@@ -319,17 +289,17 @@ class LlavaOnevisionProcessor:
 
         Args:
             turns: ``(role, text)`` pairs; ``text`` holds ``<image>`` / ``<video>`` placeholders
-                where the media go (LLaVA data style).
+                where the media go (LLaVA data style, whatever the family).
             images: The sample's images, in placeholder order.
             videos: The sample's videos, in placeholder order.
 
         Returns:
-            ``input_ids`` and ``labels`` (1-D, -100 off the assistant answers), plus the vision
-            tensors of :meth:`__call__` for this one sample.
+            ``input_ids`` and ``labels`` (1-D, -100 off the assistant answers), plus the family's
+            vision tensors for this one sample.
 
-        The assistant turn is written as the generation prompt (``<|im_start|>assistant\\n``)
-        followed by the answer and ``<|im_end|>``, so training sees exactly what inference feeds.
-        With a router, a routing marker closes every user turn, as :meth:`chat` does.
+        Turns are written with the family's chat template; an assistant turn is the generation
+        prompt followed by the answer and the end-of-turn token, so training sees exactly what
+        inference feeds. With a router, a routing marker closes every user turn, as :meth:`chat` does.
         """
         if self.tokenizer is None:
             raise ValueError("this processor has no tokenizer; build it with one to encode training data")
@@ -340,49 +310,37 @@ class LlavaOnevisionProcessor:
                 f"{placed[0]} {IMAGE_TOKEN} / {placed[1]} {VIDEO_TOKEN} placeholders but {len(images)} images / "
                 f"{len(videos)} videos"
             )
-        out = self(images=list(images) or None, videos=list(videos) or None) if images or videos else {}
-        tiled = len(images) == 1
-        frames = out["pixel_values_videos"].shape[1] if videos else 0
-        counts = {IMAGE_TOKEN: iter([self.num_image_tokens(s, tiled) for s in out.get("image_sizes", [])]),
-                  VIDEO_TOKEN: iter([self.num_video_tokens(frames)] * len(videos))}
+        # One nested group: the images belong to one sample (multi-image rules apply).
+        out, image_counts, video_counts = self.preprocess(None, [list(images)] if images else None, list(videos) or None)
+        counts = {self.image_token: iter(image_counts), self.video_token: iter(video_counts)}
+        expand = re.compile(f"({re.escape(self.image_token)}|{re.escape(self.video_token)})")
         routed = self.cfg.visor is not None and self.cfg.visor.router
+        if self.default_system and turns and turns[0][0] != "system":
+            turns = [("system", self.default_system), *turns]
         ids, labels = [], []
         for role, content in turns:
             if role not in ("user", "assistant", "system"):
                 raise ValueError(f"unknown role {role!r} (expected user, assistant or system)")
-            content = _PLACEHOLDER.sub(lambda m: m.group(0) * next(counts[m.group(0)]), content)
+            content = content.replace(IMAGE_TOKEN, self.data_image).replace(VIDEO_TOKEN, self.data_video)
+            content = expand.sub(lambda m: m.group(0) * next(counts[m.group(0)]), content)
             if role == "assistant":
+                # Every family's generation prompt is "<|im_start|>assistant\n"; the answer and its
+                # end-of-turn token are the targets, whatever follows <|im_end|> (Qwen's "\n") is not.
                 head = self._encode_with_routing(f"{IM_START}assistant\n")
                 body = self._encode_with_routing(content + IM_END)
-                ids += head + body
-                labels += [-100] * len(head) + body
+                rest = self.turn_close[len(IM_END):]
+                tail = self._encode_with_routing(rest) if rest else []
+                ids += head + body + tail
+                labels += [-100] * len(head) + body + [-100] * len(tail)
             else:
                 marker = ROUTE_TOKEN if routed and role == "user" else ""
-                piece = self._encode_with_routing(f"{IM_START}{role} {content}{marker}{IM_END}")
+                piece = self._encode_with_routing(self.turn_open.format(role=role) + content + marker + self.turn_close)
                 ids += piece
                 labels += [-100] * len(piece)
         out.pop("batch_num_images", None)
         out["input_ids"] = torch.tensor(ids, dtype=torch.long)
         out["labels"] = torch.tensor(labels, dtype=torch.long)
         return out
-
-    def profile_inputs(self, image: Any, n_text: int, seed: int = 0) -> tuple[torch.Tensor, dict[str, Any], int]:
-        """A one-image prompt with ``n_text`` random ordinary text ids around the placeholders.
-
-        For measuring cost without a tokenizer (``visorlib profile``). Returns ``(input_ids [1, L],
-        vision inputs, tiles through the vision tower)``.
-        """
-        vision = self(images=[image])
-        vision.pop("batch_num_images", None)
-        size = vision["image_sizes"][0].tolist()
-        tiles = vision["pixel_values"].shape[1]  # one image: exactly its tiles, no padding
-        tokens = self.cfg.tokens
-        vocab = min(1000, self.cfg.decoder.vocab_size, tokens.image_token_id, tokens.video_token_id)
-        g = torch.Generator().manual_seed(seed)
-        ids = torch.cat([torch.randint(0, vocab, (n_text // 2,), generator=g),
-                         torch.full((self.num_image_tokens(size),), tokens.image_token_id),
-                         torch.randint(0, vocab, (n_text - n_text // 2,), generator=g)])
-        return ids[None], vision, tiles
 
     def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
         """Text of one sequence of ids (see :meth:`Tokenizer.decode`)."""
@@ -395,3 +353,110 @@ class LlavaOnevisionProcessor:
         if self.tokenizer is None:
             raise ValueError("this processor has no tokenizer to decode with")
         return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens)
+
+
+class LlavaOnevisionProcessor(ChatProcessor):
+    """Prepares prompts and images/videos for a LLaVA-OneVision model.
+
+    Args:
+        cfg: The model's configuration (tile size, pinpoints, token ids, mean/std).
+        tokenizer: The model's tokenizer; may be None to preprocess pixels only.
+
+    Raises:
+        ValueError: The tokenizer's ``<image>`` / ``<video>`` ids differ from ``cfg.tokens``.
+    """
+
+    image_token = IMAGE_TOKEN
+    video_token = VIDEO_TOKEN
+
+    # -- token counts (all arithmetic lives in anyres) -------------------------------------------
+
+    def num_image_tokens(self, image_size: Sequence[int], tiled: bool = True) -> int:
+        """Placeholder tokens for an image of ``(height, width)``.
+
+        ``tiled=False`` for images of multi-image samples; with ``processing.aspect_mode: pad``
+        (FastVLM) no image is tiled.
+        """
+        side = self.cfg.vision.image_size
+        return anyres.num_image_tokens(
+            image_size,
+            self.cfg.processing.pinpoints(side),
+            side,
+            self.cfg.feature_grid_size,
+            self.cfg.processing.max_tiles,
+            newline=self.cfg.use_image_newline,
+            tiled=tiled and self.cfg.processing.aspect_mode == "anyres",
+        )
+
+    def num_video_tokens(self, num_frames: int) -> int:
+        """Placeholder tokens for a video of ``num_frames`` frames."""
+        return anyres.num_video_tokens(num_frames, self.cfg.feature_grid_size, newline=self.cfg.use_image_newline)
+
+    # -- main entry point -------------------------------------------------------------------------
+
+    def preprocess(self, texts: list[str] | None, images: Any, videos: Any) -> tuple[dict[str, Any], list[int], list[int]]:
+        """The pixel tensors of :meth:`__call__`, and the placeholder count of every image / video.
+
+        Args:
+            texts: The prompts (None for pixels only); ``<image>`` / ``<video>`` mark where each goes.
+            images: One image, a flat list (assigned to samples in placeholder order), or one list
+                per sample. PIL images, ``numpy.ndarray`` or ``torch.Tensor``.
+            videos: One video (list of frames, or ``[F, H, W, C]`` / ``[F, C, H, W]``) or a list of
+                videos, in placeholder order. All videos must have the same number of frames.
+
+        Returns:
+            ``pixel_values`` ``[images, tiles, 3, S, S]``, ``image_sizes`` ``[images, 2]`` and
+            ``batch_num_images`` (images per sample that has any; when images are given),
+            ``pixel_values_videos`` ``[videos, F, 3, S, S]`` (when videos are given); then the
+            token counts.
+        """
+        out: dict[str, Any] = {}
+        if texts is None:
+            # Pixels only: a flat list makes every image its own single-image sample, as in HF.
+            flat = images if isinstance(images, (list, tuple)) else [] if images is None else [images]
+            nested = bool(flat) and all(isinstance(item, (list, tuple)) for item in flat)
+            groups = [list(g) for g in flat] if nested else [[image] for image in flat]
+        else:
+            groups = _group_images(images, [t.count(IMAGE_TOKEN) for t in texts])
+        flat_images = [image for group in groups for image in group]
+        # Anyres tiling is for the only image of a sample; "pad" mode (FastVLM) never tiles.
+        anyres_mode = self.cfg.processing.aspect_mode == "anyres"
+        tiled = [anyres_mode and len(group) == 1 for group in groups for _ in group]
+        if flat_images:
+            out.update(preprocess_images(flat_images, self.cfg, tiled=tiled))
+            out["batch_num_images"] = torch.tensor([len(g) for g in groups if g], dtype=torch.long)
+
+        video_list = _list_videos(videos)
+        if texts is not None:
+            placed = sum(t.count(VIDEO_TOKEN) for t in texts)
+            if placed != len(video_list):
+                raise ValueError(f"the text holds {placed} {VIDEO_TOKEN} placeholders but {len(video_list)} videos were passed")
+        if video_list:
+            clips = [preprocess_video(video, self.cfg) for video in video_list]
+            frame_counts = [clip.shape[1] for clip in clips]
+            if len(set(frame_counts)) > 1:
+                raise ValueError(f"videos in one batch must have the same number of frames, got {frame_counts}")
+            out["pixel_values_videos"] = torch.cat(clips)
+
+        image_counts = [self.num_image_tokens(size, t) for size, t in zip(out.get("image_sizes", []), tiled, strict=True)]
+        video_counts = [self.num_video_tokens(n) for n in (frame_counts if video_list else [])]
+        return out, image_counts, video_counts
+
+    # -- conveniences -----------------------------------------------------------------------------
+
+    @staticmethod
+    def apply_chat_template(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+        """The llava-onevision-hf prompt for ``messages`` (see :func:`.chat.apply_chat_template`)."""
+        return apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+    def profile_inputs(self, image: Any, n_text: int, seed: int = 0) -> tuple[torch.Tensor, dict[str, Any], int]:
+        """A one-image prompt with ``n_text`` random ordinary text ids around the placeholders.
+
+        For measuring cost without a tokenizer (``visorlib profile``). Returns ``(input_ids [1, L],
+        vision inputs, tiles through the vision tower)``.
+        """
+        vision = self(images=[image])
+        vision.pop("batch_num_images", None)
+        size = vision["image_sizes"][0].tolist()
+        tiles = vision["pixel_values"].shape[1]  # one image: exactly its tiles, no padding
+        return self.profile_ids(self.num_image_tokens(size), n_text, seed), vision, tiles

@@ -214,15 +214,16 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         n = sample["input_ids"].shape[0]
         ids[row, :n], labels[row, :n], mask[row, :n] = sample["input_ids"], sample["labels"], 1
     batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    with_images = [s for s in samples if "pixel_values" in s]
-    if with_images:
-        tiles = max(s["pixel_values"].shape[1] for s in with_images)
-        padded = [torch.nn.functional.pad(s["pixel_values"], (0, 0, 0, 0, 0, 0, 0, tiles - s["pixel_values"].shape[1]))
-                  for s in with_images]
-        batch["pixel_values"] = torch.cat(padded)
-        batch["image_sizes"] = torch.cat([s["image_sizes"] for s in with_images])
-        batch["batch_num_images"] = torch.tensor([s["image_sizes"].shape[0] for s in with_images])
-    videos = [s["pixel_values_videos"] for s in samples if "pixel_values_videos" in s]
-    if videos:
-        batch["pixel_values_videos"] = torch.cat(videos)
+    # Vision tensors of any family: concatenated over samples; LLaVA's [images, tiles, ...] are
+    # zero-padded to the most tiles first (the model reads only each image's own tiles).
+    keys = [k for k in samples[0] if isinstance(samples[0][k], torch.Tensor) and k not in ("input_ids", "labels")]
+    keys += [k for s in samples for k in s if isinstance(s[k], torch.Tensor) and k not in keys + ["input_ids", "labels"]]
+    for key in dict.fromkeys(keys):
+        parts = [s[key] for s in samples if key in s]
+        if key == "pixel_values" and parts[0].dim() == 5:
+            tiles = max(p.shape[1] for p in parts)
+            parts = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) for p in parts]
+        batch[key] = torch.cat(parts)
+    if "image_sizes" in batch:
+        batch["batch_num_images"] = torch.tensor([s["image_sizes"].shape[0] for s in samples if "image_sizes" in s])
     return batch

@@ -78,17 +78,26 @@ def questions(facts: dict, rng: random.Random) -> list[tuple[str, str, str]]:
 
 def write_tokenizer(folder: Path, cfg: ModelConfig) -> Path:
     """A word-level tokenizer over the task's vocabulary, with the card's special ids."""
+    import re
+
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    specials = {"<|endoftext|>": cfg.tokens.pad_token_id, "<image>": cfg.tokens.image_token_id,
-                "<video>": cfg.tokens.video_token_id}
+    from ..models import family_of
+
+    processor = family_of(cfg).processor(cfg, None)
+    specials = {"<|endoftext|>": cfg.tokens.pad_token_id, processor.image_token: cfg.tokens.image_token_id,
+                processor.video_token: cfg.tokens.video_token_id}
+    # The family's own markup tokens (Qwen2-VL's <|vision_start|> ...) must stay single tokens too.
+    markup = re.findall(r"<\|[a-z_]+\|>", processor.data_image + processor.data_video)
     eos = cfg.tokens.eos_token_ids[0]
     specials["<|im_end|>"] = eos
     vocab = dict(specials)
     taken = set(vocab.values())
     if cfg.visor is not None:
         taken.add(cfg.visor.routing_token_id)
-    words = ["<|im_start|>", "[UNK]", "user", "assistant", *QUESTION_WORDS, *COLOURS, *NUMBER_WORDS, *WORDS]
+    system = (processor.default_system or "").split()
+    words = ["<|im_start|>", *markup, "[UNK]", "user", "assistant", "system", *system, *QUESTION_WORDS, *COLOURS,
+             *NUMBER_WORDS, *WORDS]
     next_id = 0
     for word in words:
         if word in vocab:
@@ -101,7 +110,7 @@ def write_tokenizer(folder: Path, cfg: ModelConfig) -> Path:
         raise ValueError(f"the synthetic vocabulary needs {max(vocab.values()) + 1} ids; {cfg.name} has {cfg.decoder.vocab_size}")
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.add_special_tokens(SPECIALS)
+    tokenizer.add_special_tokens(list(dict.fromkeys([*SPECIALS, *specials, *markup])))
     path = folder / "tokenizer.json"
     tokenizer.save(str(path))
     return path

@@ -123,7 +123,13 @@ def build_model(recipe: Recipe, device: torch.device):
         cfg = cfg.with_overrides(spec.overrides, f"{recipe.source}: model.overrides")
     if spec.pretrained:
         if spec.pretrained is not True and (Path(spec.pretrained) / "visorlib.json").exists():
-            return zoo.from_pretrained(spec.pretrained, device=device)  # a visorlib checkpoint carries its config
+            # A visorlib checkpoint carries its own architecture; a dense one becomes the card's VISOR model.
+            model = zoo.from_pretrained(spec.pretrained, device=device)
+            if model.cfg.visor is None and cfg.visor is not None:
+                from ..models.visor import visorize
+
+                model = visorize(model, cfg.visor)
+            return model
         return zoo.build(spec.name, pretrained=spec.pretrained, device=device, **spec.overrides)
     return zoo.instantiate(cfg, device)
 
