@@ -51,8 +51,11 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"{cfg.name}: {cfg.description}")
     print(f"  family          {cfg.family}")
     print(f"  hub id          {cfg.hub_id or '-'}")
-    print(f"  vision tower    {v.kind}: {v.num_layers} layers, width {v.hidden_size}, {v.image_size}px tiles, "
-          f"{v.tokens_per_tile} tokens/tile")
+    if v.kind == "qwen2_vl":  # native resolution: no fixed tiles
+        geometry = f"any resolution, {v.patch_size}px patches merged {v.spatial_merge_size}x{v.spatial_merge_size}"
+    else:
+        geometry = f"{v.image_size}px tiles, {cfg.feature_grid_size ** 2} tokens/tile"
+    print(f"  vision tower    {v.kind}: {v.num_layers} layers, width {v.hidden_size}, {geometry}")
     print(f"  decoder         {d.kind}: {d.num_layers} layers, width {d.hidden_size}, heads {d.num_heads}/{d.num_kv_heads} kv, "
           f"vocab {d.vocab_size}, {'tied' if d.tie_word_embeddings else 'untied'} head")
     print("  parameters")
@@ -130,7 +133,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 def _print_profile(r: dict, table: str) -> None:
     print(f"\n{r['model']} -- {r['weights']}")
-    print(f"input: {r['image']} {r['image_size_hw'][0]}x{r['image_size_hw'][1]} -> {r['tiles']} tiles, "
+    print(f"input: {r['image']} {r['image_size_hw'][0]}x{r['image_size_hw'][1]} -> {r['tiles']} tiles/patches, "
           f"{r['visual_tokens']} visual tokens + {r['text_tokens']} text tokens")
     print("\nparameters")
     for part, count in r["parameters"].items():
