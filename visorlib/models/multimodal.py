@@ -150,7 +150,8 @@ class MultimodalMixin:
             position_ids: Rotary positions of the new tokens; None asks ``default_positions``.
             labels: ``[B, L]`` targets (-100 = ignore) for a next-token loss.
             cache: A :class:`KVCache` to fill (prefill) or extend (decode).
-            logits_to_keep: Compute logits for the last N positions only (0 = all).
+            logits_to_keep: Compute logits for the last N positions only (0 = all; -1 = only the
+                positions that have a target, for a memory-light training loss; ``logits`` is then None).
             sa_layers: VISOR configuration (see :meth:`~visorlib.models.visor.VisorMixin.resolve_configurations`).
             default_positions: The family's rule ``(full attention mask) -> positions``; the
                 default counts real tokens, so left padding does not shift them.
@@ -169,6 +170,17 @@ class MultimodalMixin:
         hidden, configs, router_logits = self.run_decoder(
             embeds, position_ids, attention_mask, visual_mask, segments, self.routing_mask(input_ids), sa_layers, cache
         )
+        if logits_to_keep < 0:
+            if labels is None:
+                raise ValueError("logits_to_keep=-1 (loss only) needs labels")
+            # Training: the LM head runs only where a target exists, so memory is
+            # supervised tokens x vocab instead of batch x length x vocab.
+            targets = self.supervised_labels(input_ids, labels.to(hidden.device))[:, 1:]
+            rows = targets != -100
+            logits = self.decoder.logits(hidden[:, :-1][rows])
+            # Sum / count (not the mean) so a micro-batch without targets gives 0, never NaN.
+            loss = F.cross_entropy(logits.float(), targets[rows], reduction="sum") / rows.sum().clamp_min(1)
+            return ModelOutput(logits=None, loss=loss, cache=cache, sa_layers=configs, router_logits=router_logits)
         logits = self._logits(hidden, visual_mask, logits_to_keep)
         loss = None
         if labels is not None:

@@ -29,7 +29,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -235,9 +234,9 @@ class Trainer:
             if self.dist.world > 1:
                 model.set_requires_gradient_sync(index == len(batches) - 1)
             with autocast:
-                logits = model(**batch, sa_layers=config).logits
-            summed = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
-                                     reduction="sum")
+                # logits_to_keep=-1: the LM head runs only on supervised positions (memory-light).
+                mean = model(**batch, labels=labels, sa_layers=config, logits_to_keep=-1).loss
+            summed = mean * int((labels[:, 1:] != -100).sum())
             # FSDP averages gradients over ranks; scaling by world/tokens makes the result the mean
             # over every supervised token of the global batch, as one process would compute it.
             (summed * self.dist.world / tokens).backward()
