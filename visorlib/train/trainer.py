@@ -348,4 +348,9 @@ class Trainer:
     def close(self) -> None:
         """Tear down the process group (torchrun runs)."""
         if self.dist.world > 1 and dist.is_initialized():
+            # Let every rank finish its last collectives first: tearing gloo down with work in
+            # flight aborts the process ("terminate called without an active exception").
+            if self.dist.device.type == "cuda":
+                torch.cuda.synchronize(self.dist.device)
+            dist.barrier()
             dist.destroy_process_group()
