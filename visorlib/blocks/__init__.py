@@ -1,7 +1,7 @@
 """Backbone-agnostic VISOR blocks: layer plan, cross-attention, router, token packing."""
 
 from .cross_attention import ConvPositionalEmbedding, CrossAttention
-from .plan import CROSS, SELF, TEXT, LayerPlan, uniform_layers
+from .plan import CROSS, SELF, TEXT, LayerPlan
 from .router import ConfigurationRouter, costliest, route_configs
 from .token_packing import TokenPacker, widen_projector
 
@@ -16,6 +16,5 @@ __all__ = [
     "TokenPacker",
     "costliest",
     "route_configs",
-    "uniform_layers",
     "widen_projector",
 ]

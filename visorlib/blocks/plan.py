@@ -92,9 +92,3 @@ class LayerPlan:
         """Short name such as ``8CA-2SA``."""
         configuration = self.default if configuration is None else configuration
         return f"{len(self.ca_layers)}CA-{len(configuration)}SA"
-
-
-def uniform_layers(num_layers: int, count: int, offset: int = 0) -> list[int]:
-    """``count`` layers spread evenly over ``num_layers``, starting at ``offset``."""
-    step = num_layers / count
-    return sorted({offset + int(i * step) for i in range(count)})
