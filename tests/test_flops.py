@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from flop_oracle import flop_counter
 
 import visorlib
 from visorlib.flops import flops
@@ -22,7 +22,7 @@ def test_dense_prefill_flops_match_flop_counter(size):
     n_text = 11
     ids = torch.cat([torch.randint(0, 200, (1, 5)), torch.full((1, n_visual), cfg.tokens.image_token_id),
                      torch.randint(0, 200, (1, n_text - 5))], 1)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with flop_counter() as counter:
         model(ids, pixel_values=torch.randn(1, tiles, 3, 30, 30), image_sizes=torch.tensor([size]), logits_to_keep=1)
     measured = counter.get_total_flops()
     analytic = flops(model, n_visual=n_visual, n_text=n_text, tiles=tiles).total
@@ -61,7 +61,7 @@ def test_visor_flops_match_flop_counter(config, packing):
     ids = torch.cat([torch.randint(0, 200, (1, 5)), torch.full((1, n_visual), cfg.tokens.image_token_id),
                      torch.randint(0, 200, (1, 6))], 1)
     sa_layers = None if config == "dense" else config
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with flop_counter() as counter:
         model(ids, pixel_values=torch.randn(1, tiles, 3, 30, 30), image_sizes=torch.tensor([size]), logits_to_keep=1,
               sa_layers=sa_layers)
     analytic = flops(model, n_visual=n_visual, n_text=11, tiles=tiles, sa_layers=sa_layers).total
@@ -95,7 +95,7 @@ def test_qwen2_vl_flops_match_flop_counter(config, media):
     vision = {"pixel_values_videos": pixels, "video_grid_thw": torch.tensor([[t, h, w]])} if media == "video" else \
         {"pixel_values": pixels, "image_grid_thw": torch.tensor([[t, h, w]])}
     sa_layers = None if config == "dense" else config
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with flop_counter() as counter:
         model(ids, **vision, logits_to_keep=1, sa_layers=sa_layers)
     report = flops(model, n_visual=n_visual, n_text=11, tiles=[h * w] * t, sa_layers=sa_layers)
     assert report.total == pytest.approx(counter.get_total_flops(), rel=0.02)
