@@ -164,3 +164,208 @@ def test_hub_id_is_served_from_the_offline_cache(tmp_path):
     total, err = out.strip().splitlines()
     assert float(total) == pytest.approx(hf.model.language_model.embed_tokens.weight.sum().item(), abs=1e-3)
     assert "visor-test/absent" in err and "HF_HUB_OFFLINE=1" in err
+
+
+# -- checks added for issue 8: nothing a checkpoint holds is followed or misread silently ----------
+
+
+def _write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("version, message", [(99, "version 99 is newer than this visorlib reads"),
+                                              ("1", "version must be a positive integer"),
+                                              (0, "version must be a positive integer")])
+def test_visorlib_json_version_is_checked(tmp_path, version, message):
+    tiny_model().save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / "visorlib.json").read_text())
+    _write_json(tmp_path / "visorlib.json", {**meta, "version": version})
+    with pytest.raises(CheckpointError, match=message) as err:
+        visorlib.from_pretrained(tmp_path)
+    assert "visorlib.json" in str(err.value)
+    # The card's architecture with these weights reads the same file.
+    with pytest.raises(CheckpointError, match=message):
+        visorlib.build("llava-ov-0.5b", pretrained=tmp_path, **_tiny_overrides())
+
+
+def _tiny_overrides():
+    tiny = visorlib.get_config("llava-ov-0.5b").tiny().to_dict()
+    return {key: tiny[key] for key in ("vision", "decoder", "tokens")}
+
+
+def test_a_file_without_version_is_format_1(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / "visorlib.json").read_text())
+    del meta["version"]
+    _write_json(tmp_path / "visorlib.json", meta)
+    assert torch.equal(text_logits(visorlib.from_pretrained(tmp_path)), text_logits(model))
+
+
+@pytest.mark.parametrize("shard", ["../other/model.safetensors", "/etc/passwd", "sub/../../x.safetensors"])
+def test_sharded_index_must_stay_inside_the_folder(tmp_path, shard):
+    folder = tmp_path / "ckpt"
+    tiny_model().save_pretrained(folder)
+    (tmp_path / "other").mkdir()
+    (folder / "model.safetensors").rename(tmp_path / "other" / "model.safetensors")
+    keys = load_file(tmp_path / "other" / "model.safetensors")
+    _write_json(folder / "model.safetensors.index.json", {"weight_map": dict.fromkeys(keys, shard)})
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder") as err:
+        visorlib.from_pretrained(folder)
+    assert "model.safetensors.index.json" in str(err.value) and repr(shard) in str(err.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_integer_or_bool_tensor_for_a_float_weight_is_named(tmp_path, dtype):
+    tiny_model().save_pretrained(tmp_path)
+    file = tmp_path / "model.safetensors"
+    state = load_file(file)
+    key = "decoder.layers.1.mlp.up_proj.weight"
+    state[key] = torch.ones_like(state[key], dtype=dtype)
+    save_file(state, file)
+    with pytest.raises(CheckpointError, match=rf"{key} in .*model\.safetensors holds (integer|bool) values"):
+        visorlib.from_pretrained(tmp_path)
+
+
+def test_integer_tensor_in_a_hf_checkpoint_names_the_shard(tmp_path):
+    hf = tiny_hf_model(tied=False)
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    hf_key = "model.language_model.layers.0.mlp.up_proj.weight"
+    hf_key = hf_key if hf_key in index else next(k for k in index if k.endswith("layers.0.mlp.up_proj.weight"))
+    shard = tmp_path / index[hf_key]
+    state = load_file(shard)
+    state[hf_key] = state[hf_key].to(torch.int32)
+    save_file(state, shard)
+    with pytest.raises(CheckpointError, match=rf"decoder\.layers\.0\.mlp\.up_proj\.weight in .*{shard.name} holds integer"):
+        visorlib.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["text_config", "top"])
+def test_yarn_rope_scaling_is_refused_not_read_as_plain_rope(tmp_path, where):
+    from hf_oracle import tiny_hf_config
+
+    hf = tiny_hf_config().to_dict()
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}
+    hf["text_config"]["rope_scaling"] = yarn
+    _write_json(tmp_path / "config.json", hf)
+    with pytest.raises(visorlib.ConfigError, match=r"config\.json: text_config\.rope_scaling type 'yarn' is not supported"):
+        visorlib.from_pretrained(tmp_path)
+    # Qwen2-VL: the 4.x layout keeps rope_scaling at the top level, 5.x inside text_config.
+    qwen = {"model_type": "qwen2_vl", "text_config": {"rope_scaling": yarn}} if where == "text_config" else \
+        {"model_type": "qwen2_vl", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+    _write_json(tmp_path / "config.json", qwen)
+    with pytest.raises(visorlib.ConfigError, match=r"config\.json: .*rope_scaling type 'yarn' is not supported"):
+        visorlib.from_pretrained(tmp_path)
+
+
+def test_bad_sizes_in_a_hf_config_name_the_file(tmp_path):
+    from hf_oracle import tiny_hf_config
+
+    hf = tiny_hf_config().to_dict()
+    hf["text_config"]["num_key_value_heads"] = 3
+    _write_json(tmp_path / "config.json", hf)
+    with pytest.raises(visorlib.ConfigError, match=r"config\.json: decoder\.num_heads=4 must be divisible by decoder\.num_kv_heads=3"):
+        visorlib.from_pretrained(tmp_path)
+
+
+# -- tokenizers: saved with the model, corrupt ones named, mistyped paths never sent to the Hub ---------
+
+
+def _with_tokenizer(folder):
+    from visor_helpers import word_tokenizer
+
+    model = tiny_model()
+    model.save_pretrained(folder)
+    word_tokenizer(folder, model.cfg)
+    return visorlib.from_pretrained(folder)
+
+
+def test_corrupt_tokenizer_json_is_a_checkpoint_error_naming_the_file(tmp_path):
+    model = _with_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "WordLevel", "vocab": ')
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json is not a valid tokenizer\.json") as err:
+        visorlib.processor_for(model)
+    assert str(tmp_path) in str(err.value)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json"):
+        visorlib.processing.Tokenizer.from_pretrained(tmp_path)
+
+
+def test_save_pretrained_keeps_the_tokenizer_of_the_loaded_folder(tmp_path):
+    loaded = _with_tokenizer(tmp_path / "a")
+    (tmp_path / "a" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    loaded.save_pretrained(tmp_path / "b")
+    assert (tmp_path / "b" / "tokenizer.json").read_bytes() == (tmp_path / "a" / "tokenizer.json").read_bytes()
+    assert (tmp_path / "b" / "tokenizer_config.json").exists() and not (tmp_path / "b" / "README.md").exists()
+    again = visorlib.from_pretrained(tmp_path / "b")
+    ids = visorlib.processor_for(again).tokenizer.encode("what is this ?")
+    assert ids == visorlib.processor_for(loaded).tokenizer.encode("what is this ?")
+
+
+def test_save_pretrained_with_an_explicit_tokenizer_and_model_card(tmp_path):
+    loaded = _with_tokenizer(tmp_path / "a")
+    processor = visorlib.processor_for(loaded)
+    fresh = tiny_model(seed=3)  # random weights: no folder, so no tokenizer unless one is passed
+    fresh.save_pretrained(tmp_path / "none")
+    assert not (tmp_path / "none" / "tokenizer.json").exists()
+    fresh.save_pretrained(tmp_path / "b", tokenizer=processor, model_card=True, repo_id="me/tiny-visor")
+    tokenizer = visorlib.processing.Tokenizer.from_pretrained(tmp_path / "b")
+    assert tokenizer.encode("what is this ?") == processor.tokenizer.encode("what is this ?")
+    assert tokenizer.pad_token == processor.tokenizer.pad_token
+    card = (tmp_path / "b" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: visorlib") and 'from_pretrained("me/tiny-visor")' in card
+    assert f"{sum(p.numel() for p in fresh.parameters()) / 1e6:.1f} M parameters" in card and "`tokenizer.json`" in card
+
+
+def test_mistyped_local_tokenizer_path_fails_at_once(tmp_path, monkeypatch):
+    model = tiny_model()
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for value in ("runs/tokenizr", "./tok", str(tmp_path / "absent"), "tok.json", "tokdir"):
+        with pytest.raises(FileNotFoundError, match=rf"tokenizer_source={value!r}: no tokenizer file or folder"):
+            visorlib.processor_for(model, tokenizer_source=value)
+
+
+def _offline_free_env(tmp_path):
+    """An environment where the Hub is 'online' but unreachable (a closed local port), with an empty cache."""
+    return dict(os.environ, HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "cache"),
+                HF_TOKEN="hf_not_a_real_token", OMP_NUM_THREADS="1")
+
+
+def test_processor_for_a_saved_folder_without_tokenizer_does_not_wait_on_the_hub(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "ckpt")
+    script = (
+        "import time, warnings, visorlib\n"
+        f"m = visorlib.from_pretrained({str(tmp_path / 'ckpt')!r})\n"
+        "t = time.perf_counter()\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    p = visorlib.processor_for(m)\n"
+        "print(time.perf_counter() - t, p.tokenizer is None, 'has no tokenizer.json' in str(w[0].message))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], env=_offline_free_env(tmp_path), capture_output=True,
+                         text=True, check=True, timeout=120).stdout.split()
+    assert float(out[0]) < 2.0 and out[1:] == ["True", "True"]
+
+
+def test_push_to_hub_without_network_names_the_hub_and_repo(tmp_path):
+    script = (
+        "import visorlib\n"
+        "m = visorlib.zoo.instantiate(visorlib.get_config('llava-ov-0.5b').tiny())\n"
+        "try:\n    m.push_to_hub('someone/tiny-visor')\n"
+        "except visorlib.CheckpointError as err:\n    print('ERR', err)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], env=_offline_free_env(tmp_path), capture_output=True,
+                         text=True, check=True, timeout=120).stdout
+    assert out.startswith("ERR could not push to the Hugging Face Hub repo 'someone/tiny-visor' at http://127.0.0.1:9")
+
+
+def test_mistyped_local_checkpoint_folder_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"'runs/ckpt' is neither an existing folder .*runs/ is a local folder"):
+        visorlib.from_pretrained("runs/ckpt")
+    for value in ("./ckpt", "ckpt", "a/b/c"):
+        with pytest.raises(CheckpointError, match="is neither an existing folder nor a Hugging Face repo id"):
+            visorlib.from_pretrained(value)

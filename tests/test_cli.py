@@ -64,3 +64,14 @@ def test_processor_for_without_tokenizer_warns_and_handles_pixels():
     with pytest.warns(UserWarning, match="prepare images only"):
         processor = visorlib.processor_for(model)
     assert processor.tokenizer is None
+
+
+def test_info_counts_the_visor_blocks(capsys):
+    assert main(["info", "visor-llava-ov-0.5b"]) == 0
+    out = capsys.readouterr().out
+    dense = visorlib.build("llava-ov-0.5b", device="meta")
+    visor = visorlib.build("visor-llava-ov-0.5b", device="meta")
+    added = sum(p.numel() for n, p in visor.named_parameters() if n.startswith(("cross_attention.", "router.")))
+    assert added == 14_995_725 and f"visor_blocks     {added:>15,d}" in out
+    total = sum(p.numel() for p in dense.parameters()) + added
+    assert total == 908_671_277 and f"total            {total:>15,d}  (908.67 M)" in out

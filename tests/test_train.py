@@ -116,8 +116,9 @@ def test_bad_data_is_reported_with_file_and_index(tmp_path, synth):
     rows[3]["image"] = str(tmp_path / "broken.png")
     data = tmp_path / "bad.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
+    # broken.png lies outside image_root (absolute path): allowed explicitly since images are confined to it.
     recipe = write_recipe(tmp_path, synth, data={"datasets": [{"path": str(data), "image_root": str(synth)}],
-                                                 "on_error": "raise"})
+                                                 "on_error": "raise", "allow_outside_image_root": True})
     trainer = Trainer(load_recipe(recipe))
     dataset = trainer.datasets[0]
     with pytest.raises(DataError, match=r"bad\.jsonl\[1\]: image .*missing\.png not found"):

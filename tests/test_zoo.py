@@ -121,3 +121,46 @@ def test_cards_are_loaded_with_safe_yaml(tmp_path, monkeypatch):
 def test_overrides_build_a_smaller_model():
     model = visorlib.build("llava-ov-0.5b", device="meta", decoder={"num_layers": 2})
     assert len(model.decoder.layers) == 2
+
+
+@pytest.mark.parametrize("section, changes, message", [
+    ("decoder", {"num_heads": 0}, "decoder.num_heads must be positive, got 0"),
+    ("decoder", {"num_layers": -2}, "decoder.num_layers must be positive, got -2"),
+    ("decoder", {"num_kv_heads": 3}, "decoder.num_heads=14 must be divisible by decoder.num_kv_heads=3"),
+    ("decoder", {"hidden_size": 900}, "decoder.hidden_size=900 must be divisible by decoder.num_heads=14"),
+    ("decoder", {"rms_norm_eps": 0}, "decoder.rms_norm_eps must be positive"),
+    ("decoder", {"mrope_section": [8, 12, 13]}, "decoder.mrope_section .* summing to head_dim / 2 = 32"),
+    ("vision", {"num_heads": 0}, "vision.num_heads must be positive, got 0"),
+    ("vision", {"hidden_size": 1000}, "vision.hidden_size=1000 must be divisible by vision.num_heads=16"),
+    ("vision", {"image_size": 10}, "vision.image_size=10 must be at least vision.patch_size=14"),
+])
+def test_card_sizes_are_validated_at_load(tmp_path, section, changes, message):
+    card = yaml.safe_load(open(visorlib.zoo.zoo_dir() / "llava-ov-0.5b.yaml"))
+    card[section].update(changes)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(card))
+    with pytest.raises(ConfigError, match=rf"bad\.yaml: {message}"):
+        ModelConfig.from_yaml(path)
+    # The same rule for build()'s overrides and for a card that overrides a base card.
+    with pytest.raises(ConfigError, match=message):
+        visorlib.build("llava-ov-0.5b", device="meta", **{section: changes})
+
+
+def test_a_card_overriding_its_base_with_zero_heads_is_named(tmp_path, monkeypatch):
+    for name in ("llava-ov-0.5b",):
+        (tmp_path / f"{name}.yaml").write_text((visorlib.zoo.zoo_dir() / f"{name}.yaml").read_text())
+    (tmp_path / "mine.yaml").write_text("name: mine\nbase: llava-ov-0.5b\ndecoder: {num_heads: 0}\n")
+    monkeypatch.setenv("VISORLIB_ZOO", str(tmp_path))
+    visorlib.zoo._cards.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match=r"mine\.yaml: decoder\.num_heads must be positive, got 0"):
+            visorlib.get_config("mine")
+    finally:
+        visorlib.zoo._cards.cache_clear()
+
+
+def test_every_shipped_card_and_its_tiny_variant_pass_the_size_checks():
+    for name in visorlib.list_models():
+        cfg = visorlib.get_config(name)
+        assert cfg.decoder.num_heads % cfg.decoder.num_kv_heads == 0
+        cfg.tiny()

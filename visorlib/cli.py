@@ -1,20 +1,28 @@
-"""The ``visorlib`` command: list, info, generate, profile.
+"""The ``visorlib`` command: list, info, generate, profile, train, data, eval, demo.
 
 ``visorlib profile llava-ov-0.5b`` is the offline main job: it builds the real-size architecture
 with random weights (no download), feeds it one image, and reports visual tokens, parameters,
 analytic FLOPs and the measured prefill time on this machine.
+
+Every error a user can cause (a bad argument, file, card, recipe, checkpoint or image) ends the
+command with one line on stderr, ``visorlib: error: ...``, and exit status 2; no traceback.
+Arguments, output paths and input images are checked before any model is built, so a typo costs
+seconds, not the length of a profile or a training run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import yaml
 
 from . import zoo
 from .flops import flops
@@ -23,8 +31,83 @@ from .profiling import human
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class UsageError(ValueError):
+    """A command-line argument that cannot work (named in the message)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the rule for every error of the command)."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("visorlib").strip()
+        self.exit(2, f"visorlib: error: {command + ': ' if command else ''}{message} (see '{self.prog} --help')\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {'positive' if low == 1 else f'>= {low}'}, got {value}")
+    return value
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """Refuse an output file that cannot be written, before any work is done.
+
+    Raises:
+        UsageError: ``path`` is a directory, or its folder is missing or not writable.
+    """
+    if path is None:
+        return
+    target = Path(path).expanduser()
+    folder = target.parent
+    if target.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory; give a file name")
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise UsageError(f"{flag} {path}: not writable")
+
+
+def check_device(name: str) -> torch.device:
+    """The ``--device`` value as a torch device, refused when this machine does not have it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UsageError(f"--device {name!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name!r}: CUDA is not available on this machine (torch.cuda.is_available() is False)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name!r}: MPS is not available on this machine")
+    return device
+
+
+def load_image(path: str):
+    """``--image`` files through :func:`visorlib.processing.files.open_image` (regular files only,
+    bounded size, fully decoded here, so a truncated file fails naming it)."""
+    from .processing.files import open_image
+
+    return open_image(path)
+
+
 def parameter_breakdown(model: torch.nn.Module) -> dict[str, int]:
-    """Parameters per component (a tied head is counted once, under the embedding)."""
+    """Parameters per component (a tied head is counted once, under the embedding).
+
+    ``visor_blocks`` (a VISOR model only) is everything VISOR adds to the dense model:
+    cross-attention blocks and the router (a widened packing projector counts under ``projector``).
+    """
     decoder = model.decoder
     parts = {
         "vision_tower": sum(p.numel() for p in model.vision_tower.parameters()),
@@ -34,7 +117,10 @@ def parameter_breakdown(model: torch.nn.Module) -> dict[str, int]:
         "decoder_layers": sum(p.numel() for p in decoder.layers.parameters()) + decoder.norm.weight.numel(),
         "lm_head": 0 if decoder.lm_head is None else decoder.lm_head.weight.numel(),
     }
-    parts["total"] = sum(parts.values())
+    total = sum(p.numel() for p in model.parameters())  # parameters() yields a shared tensor once
+    if getattr(model.cfg, "visor", None) is not None:
+        parts["visor_blocks"] = total - sum(parts.values())
+    parts["total"] = total
     return parts
 
 
@@ -76,22 +162,23 @@ def default_profile_image():
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
-    from PIL import Image
-
     from .models import family_of
     from .profiling import format_table, plot_flops_vs_visual_tokens, profile_configurations
 
+    check_output_file(args.json, "--json")
+    check_output_file(args.plot, "--plot")
+    check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = zoo.get_config(args.name)
     if args.tiny:
         cfg = cfg.tiny()
-    if args.plot:
-        print(f"wrote {plot_flops_vs_visual_tokens(cfg, args.plot)}")
     if args.image:
-        image, label = Image.open(args.image).convert("RGB"), args.image
+        image, label = load_image(args.image).convert("RGB"), args.image
     else:
         image, label = default_profile_image(), "embedded 384x384 default image"
+    if args.plot:
+        print(f"wrote {plot_flops_vs_visual_tokens(cfg, args.plot)}")
     dtype = DTYPES[args.dtype]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 - progress goes to stderr
     log(f"building {cfg.name} at {'TINY' if args.tiny else 'real'} size with RANDOM weights (no checkpoint; "
@@ -149,17 +236,21 @@ def _print_profile(r: dict, table: str) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from PIL import Image
-
     from . import processor_for
 
+    check_device(args.device)
+    images = [load_image(path) for path in args.image]  # before the (possibly large) model is loaded
     dtype = DTYPES[args.dtype]
     if args.model in zoo.list_models():
         model = zoo.build(args.model, pretrained=True, dtype=dtype, device=args.device)
     else:
         model = zoo.from_pretrained(args.model, dtype=dtype, device=args.device)
-    processor = processor_for(model)
-    images = [Image.open(path) for path in args.image]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the "images only" fallback warning becomes the error below
+        processor = processor_for(model)
+    if processor.tokenizer is None:
+        raise UsageError(f"--model {args.model}: no tokenizer found (no tokenizer.json in the checkpoint folder, "
+                         "none in the Hub cache for the card's hub_id); generate needs one to read the prompt")
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
     inputs = processor.chat([{"role": "user", "content": content}], images=images or None)
     inputs = {k: v.to(args.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
@@ -172,7 +263,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .train.trainer import Trainer
 
     recipe = load_recipe(args.recipe, args.set)
-    trainer = Trainer(recipe, resume=args.resume)
+    trainer = Trainer(recipe, resume=args.resume, allow_recipe_change=args.allow_recipe_change)
     try:
         if recipe.training.stage == "router":
             from .train.router import run_router_stage
@@ -191,6 +282,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_synth(args: argparse.Namespace) -> None:
     from .train.synth import make_synthetic_dataset
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"data synth: output {args.out} exists and is not a folder")
     cfg = zoo.get_config(args.model)
     cfg = cfg.tiny() if args.tiny else cfg
     path = make_synthetic_dataset(args.out, cfg, args.samples, args.image_size, args.seed)
@@ -198,7 +291,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="visorlib", description="VISOR vision-language models.")
+    parser = _Parser(prog="visorlib", description="VISOR vision-language models.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("list", help="list zoo models")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. '*0.5b'")
@@ -210,16 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="zoo name (its Hub weights), Hub id, or local folder")
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("profile", help="real-size model, random weights: tokens, parameters, FLOPs, prefill time")
     p.add_argument("name")
     p.add_argument("--image", help="image file (default: an embedded 384x384 page)")
-    p.add_argument("--text-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--text-tokens", type=non_negative_int, default=64)
+    p.add_argument("--repeats", type=positive_int, default=1)
+    p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--tiny", action="store_true", help="use the card's tiny test-size variant (smoke test)")
@@ -229,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train with a YAML recipe (one process, or under torchrun)")
     p.add_argument("recipe")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir")
+    p.add_argument("--allow-recipe-change", action="store_true",
+                   help="with --resume: accept a recipe that differs from the checkpoint's (beyond max_steps, logging, ...)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set training.max_steps=10")
     p.set_defaults(func=cmd_train)
@@ -238,21 +333,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--model", default="visor-llava-ov-0.5b", help="card whose token ids the tokenizer uses")
     p.add_argument("--tiny", action="store_true", help="for the card's tiny variant")
-    p.add_argument("--samples", type=int, default=200)
-    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--samples", type=positive_int, default=200)
+    p.add_argument("--image-size", type=positive_int, default=96)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
+    from .train.synthdoc import add_data_parser
+
+    add_data_parser(data_sub)
+    from .eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
+    from .demo import add_demo_parser
+
+    add_demo_parser(sub)
     return parser
 
 
+# What a user's input can raise: visorlib's own errors (ConfigError, InputError, DataError are
+# ValueErrors; CheckpointError is a RuntimeError), unknown card names (KeyError), files (OSError),
+# YAML, and a missing optional package. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, KeyError, RuntimeError, OSError, yaml.YAMLError, ImportError)
+
+
+def error_line(err: BaseException) -> str:
+    """``err`` as the one line the command prints (a KeyError's message without its quotes)."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(text.split()) or type(err).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``visorlib`` command."""
+    """Entry point of the ``visorlib`` command: 0 on success, 2 on any user error (one line on stderr)."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (KeyError, ValueError, RuntimeError, OSError) as err:
-        print(f"visorlib: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        print(f"visorlib: error: {error_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("visorlib: error: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

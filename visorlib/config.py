@@ -9,6 +9,7 @@ with the default. The same strict parser serves overrides passed to :func:`visor
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,26 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration file or override is malformed (unknown key, wrong type, bad value)."""
+
+
+def check_positive(section: str, obj: Any, names: tuple[str, ...]) -> None:
+    """Raise :class:`ConfigError` naming ``section.name`` for the first of ``names`` that is not > 0.
+
+    Sizes, counts and epsilons of zero or less give a ZeroDivisionError or an empty model far
+    from the card that caused them; checked when the card is read instead.
+    """
+    for name in names:
+        value = getattr(obj, name)
+        if not value > 0:
+            raise ConfigError(f"{section}.{name} must be positive, got {value!r}")
+
+
+def check_divisible(section: str, obj: Any, name: str, by: str) -> None:
+    """Raise :class:`ConfigError` unless ``obj.name`` is a multiple of ``obj.by``."""
+    if getattr(obj, name) % getattr(obj, by):
+        raise ConfigError(
+            f"{section}.{name}={getattr(obj, name)} must be divisible by {section}.{by}={getattr(obj, by)}"
+        )
 
 
 @dataclass
@@ -74,7 +95,18 @@ class VisionConfig:
         if self.timm_model is None:
             if self.timm_kwargs:
                 raise ConfigError("vision.timm_kwargs is only used together with vision.timm_model")
-            return
+        else:
+            self._derive_from_timm()
+        check_positive("vision", self, ("image_size", "patch_size", "hidden_size", "intermediate_size", "num_layers",
+                                        "num_heads", "layer_norm_eps", "temporal_patch_size", "spatial_merge_size",
+                                        "in_channels"))
+        if self.image_size < self.patch_size:
+            raise ConfigError(f"vision.image_size={self.image_size} must be at least vision.patch_size={self.patch_size}")
+        if self.kind != "fastvit":  # FastViT's attention widths live inside timm's architecture
+            check_divisible("vision", self, "hidden_size", "num_heads")
+
+    def _derive_from_timm(self) -> None:
+        """Fill the fields ``timm_model`` determines; a contradicting explicit value is an error."""
         # Imported here: the backbones import this module.
         from .backbones import timm_tower_fields
 
@@ -135,6 +167,18 @@ class DecoderConfig:
     tie_word_embeddings: bool = True
     attention_bias: bool = True
     mrope_section: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        check_positive("decoder", self, ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                                         "num_kv_heads", "rope_theta", "rms_norm_eps", "max_position_embeddings"))
+        check_divisible("decoder", self, "hidden_size", "num_heads")
+        check_divisible("decoder", self, "num_heads", "num_kv_heads")  # grouped-query attention shares kv heads
+        if self.head_dim % 2:
+            raise ConfigError(f"decoder: head_dim = hidden_size / num_heads = {self.head_dim} must be even (RoPE rotates pairs)")
+        section = self.mrope_section
+        if section is not None and (len(section) != 3 or min(section) < 0 or sum(section) != self.head_dim // 2):
+            raise ConfigError(f"decoder.mrope_section {section} must be 3 non-negative numbers summing to "
+                              f"head_dim / 2 = {self.head_dim // 2}")
 
     @property
     def head_dim(self) -> int:
@@ -412,6 +456,15 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads `1e-3` as a string (it wants `1.0e-3`); accept finite numbers.
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number):
+            raise ConfigError(f"{source}: key {key!r} must be a number (e.g. 0.001, 1.0e-3 or 1e-3), got {value!r}")
+        return number
     if hint is int and isinstance(value, bool):
         raise ConfigError(f"{source}: key {key!r} must be int, got {value!r}")
     if not isinstance(value, hint):

@@ -119,6 +119,27 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json", name: str | 
     )
 
 
+def check_rope_types(source: str, text: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    """Refuse rotary scaling visorlib does not implement, wherever the config spells it.
+
+    transformers 5 writes ``rope_parameters: {rope_type: ...}``; older files write
+    ``rope_scaling: {type: ...}`` (or ``rope_type``), and transformers still honours those, so a
+    ``rope_scaling: {type: yarn}`` read as plain RoPE would be a silently different model.
+    """
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = text.get(key)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{source}: text_config.{key} must be a mapping or null, got {rope!r}")
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in allowed:
+            raise ConfigError(
+                f"{source}: text_config.{key} type {kind!r} is not supported (visorlib implements "
+                f"{' and '.join(map(repr, allowed))} rotary positions only)"
+            )
+
+
 def decoder_config_from_hf(text: dict[str, Any], tied: bool, source: str = "config.json") -> DecoderConfig:
     """A :class:`DecoderConfig` from a Hugging Face Qwen2 ``text_config`` (or a flat Qwen2 config).
 
@@ -130,9 +151,8 @@ def decoder_config_from_hf(text: dict[str, Any], tied: bool, source: str = "conf
     Raises:
         ConfigError: for rotary scaling or head sizes visorlib does not implement.
     """
+    check_rope_types(source, text, ("default",))
     rope = text.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ConfigError(f"{source}: text_config rope_type {rope['rope_type']!r} is not supported")
     heads = text.get("num_attention_heads", 14)
     hidden = text.get("hidden_size", 896)
     if text.get("head_dim", hidden // heads) != hidden // heads:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError, DecoderConfig, ImageProcessingConfig, ModelConfig, TokensConfig, VisionConfig
+from .convert import check_rope_types
 
 # (pattern, replacement), applied in order to every key. The first two fold the in-memory names
 # into the on-disk ones, which the rest map to visorlib's modules.
@@ -83,8 +84,10 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json", name: str | 
     # transformers 4.x wrote the language model's keys at the top level; 5.x nests them.
     text = hf.get("text_config") or hf
     vision = hf.get("vision_config") or {}
-    rope = text.get("rope_parameters") or text.get("rope_scaling") or hf.get("rope_scaling") or {}
-    _require(source, "rope type", rope.get("rope_type", rope.get("type", "default")), ("default", "mrope"))
+    for config in (text, hf):  # transformers 4.x put rope_scaling at the top level
+        check_rope_types(source, config, ("default", "mrope"))
+    ropes = [text.get("rope_parameters"), text.get("rope_scaling"), hf.get("rope_scaling")]
+    rope = next((r for r in ropes if r and "mrope_section" in r), None) or next((r for r in ropes if r), {})
     _require(source, "use_sliding_window", bool(text.get("use_sliding_window", False)), (False,))
     _require(source, "text hidden_act", text.get("hidden_act", "silu"), ("silu",))
     _require(source, "vision hidden_act", vision.get("hidden_act", "quick_gelu"), ("quick_gelu",))

@@ -165,18 +165,14 @@ def cross_attention_flops(cfg: DecoderConfig, n_text: int, n_visual: int, projec
 
 
 def _configuration(cfg: ModelConfig, sa_layers: object) -> list[int]:
-    from .blocks.plan import LayerPlan
+    """The one configuration ``sa_layers`` names, checked by the rule every entry point uses."""
+    from .blocks.plan import LayerPlan, validate_sa_layers
 
     plan = LayerPlan(cfg.decoder.num_layers, cfg.visor)
-    if sa_layers is None:
-        return plan.default
-    if sa_layers == "all":
-        return plan.sa_layers
-    if plan.dense:
-        raise ValueError(f"sa_layers={sa_layers!r}: {cfg.name} is a dense model with no VISOR layer plan")
-    if isinstance(sa_layers, str):
+    if isinstance(sa_layers, str) and sa_layers != "all" and not plan.dense:
         raise ValueError(f"sa_layers={sa_layers!r}: FLOPs need a concrete configuration (a list of layers)")
-    return plan.validate(sa_layers)
+    (configuration,) = validate_sa_layers(plan, sa_layers, 1, model=cfg.name)
+    return configuration
 
 
 def prefill_flops(

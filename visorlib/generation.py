@@ -31,6 +31,15 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return logits
 
 
+def _nonfinite_logits(logits: torch.Tensor, step: int) -> FloatingPointError:
+    """The error for NaN / infinite logits at generation ``step`` (error path only)."""
+    rows = (~torch.isfinite(logits).all(-1)).nonzero()[:, 0].tolist()
+    return FloatingPointError(
+        f"generate: the logits of samples {rows} are NaN or infinite at new token {step} although the inputs are "
+        "finite; the weights hold NaN/Inf or the dtype overflowed (try float32 or bfloat16)"
+    )
+
+
 class GenerationMixin:
     """Adds :meth:`generate` to a model with ``forward(..., cache=, logits_to_keep=)`` and ``new_cache()``."""
 
@@ -81,15 +90,23 @@ class GenerationMixin:
         logits = self(
             input_ids, attention_mask, cache=cache, logits_to_keep=1, sa_layers=sa_layers, **vision_inputs
         ).logits[:, -1]
-        # Ids the model may read but must never write (the router's routing token).
+        # Ids the model may read but must never write (the router's routing token; the image/video
+        # placeholders, which a decode step would reject for lack of pixels).
         suppressed = [self.cfg.visor.routing_token_id] if self.cfg.visor is not None and self.cfg.visor.router else []
+        suppressed += [tokens_cfg.image_token_id, tokens_cfg.video_token_id]
         suppressed = [i for i in suppressed if i < logits.shape[-1]]
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         generated = []
         for _ in range(max_new_tokens):
+            # NaN logits would argmax to token 0 silently. Inputs are checked by forward; this catches
+            # what goes wrong inside (NaN weights, a half-precision overflow). Read back with the
+            # end-of-sequence test below: no extra host sync per step.
+            broken = ~torch.isfinite(logits).all()
             if suppressed:
                 logits = logits.index_fill(-1, torch.tensor(suppressed, device=logits.device), float("-inf"))
             if do_sample:
+                if bool(broken):  # multinomial would fail on NaN with a bare torch error
+                    raise _nonfinite_logits(logits, len(generated))
                 probs = filter_logits(logits.float(), temperature, top_k, top_p).softmax(-1)
                 step = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
             else:
@@ -97,7 +114,10 @@ class GenerationMixin:
             step = step.masked_fill(finished, pad)
             generated.append(step)
             finished |= torch.isin(step, eos)
-            if bool(finished.all()) or len(generated) == max_new_tokens:
+            done, broken = (bool(x) for x in torch.stack([finished.all(), broken]).tolist())
+            if broken:
+                raise _nonfinite_logits(logits, len(generated) - 1)
+            if done or len(generated) == max_new_tokens:
                 break
             attention_mask = torch.cat([attention_mask, torch.ones_like(step)[:, None]], dim=1)
             logits = self(step[:, None], attention_mask, cache=cache, sa_layers=sa_layers).logits[:, -1]

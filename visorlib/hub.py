@@ -31,6 +31,19 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, or does not fit the model (names the file or keys)."""
 
 
+def looks_local(value: str | os.PathLike) -> bool:
+    """Whether a checkpoint or tokenizer source is meant as a local path, not a Hub id ``owner/name``.
+
+    Used so that a mistyped folder fails at once with a local error, instead of being sent to the
+    Hub (where a missing network means tens of seconds of retries and an error about a repo).
+    """
+    text = os.fspath(value)
+    if isinstance(value, Path) or text.startswith(("/", ".", "~")) or "\\" in text or text.count("/") != 1:
+        return True
+    # "runs/tok" next to an existing "runs/" folder, or a file name, is a path, not "owner/name".
+    return text.endswith(".json") or Path(text.split("/")[0]).is_dir()
+
+
 def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
     """A local folder holding the checkpoint: ``path_or_hub_id`` itself, or a Hub snapshot.
 
@@ -43,8 +56,10 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the checkpoint folder that contains it")
     repo_id = str(path_or_hub_id)
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
-        raise CheckpointError(f"{repo_id!r} is neither an existing folder nor a Hugging Face repo id (owner/name)")
+    if looks_local(path_or_hub_id):
+        first = Path(repo_id.split("/")[0])
+        why = f" ({first}/ is a local folder, so this is read as a path)" if repo_id.count("/") == 1 and first.is_dir() else ""
+        raise CheckpointError(f"{repo_id!r} is neither an existing folder nor a Hugging Face repo id (owner/name){why}")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -79,7 +94,7 @@ def weight_files(folder: Path) -> list[Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index} has no 'weight_map'")
-        return [folder / name for name in sorted(set(weight_map.values()))]
+        return [_shard_path(folder, index, name) for name in sorted(set(weight_map.values()))]
     single = folder / SAFETENSORS
     if single.exists():
         return [single]
@@ -91,8 +106,51 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"no safetensors weights in {folder}{hint}")
 
 
-def read_safetensors(files: list[Path], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Load every tensor of ``files`` (cast floating tensors to ``dtype`` when given)."""
+def _shard_path(folder: Path, index: Path, name: Any) -> Path:
+    """The shard ``name`` of ``index``, refused unless it is a plain file name inside ``folder``.
+
+    An index is data from whoever published the checkpoint: an entry such as
+    ``../../other/model.safetensors`` must not make us read files outside the checkpoint.
+    """
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{index}: weight_map values must be shard file names, got {name!r}")
+    shard = (folder / name).resolve()
+    if Path(name).is_absolute() or not shard.is_relative_to(folder.resolve()):
+        raise CheckpointError(f"{index}: shard {name!r} lies outside the checkpoint folder {folder}; refused")
+    return folder / name
+
+
+def read_checkpoint_meta(path: Path) -> dict[str, Any]:
+    """Read and check ``visorlib.json``: the format marker, the version and the card.
+
+    Raises:
+        CheckpointError: naming the file when it is not a visorlib config, or when it was written by
+            a newer visorlib (a newer format may mean something this version would silently misread).
+    """
+    meta = read_json(path)
+    if meta.get("format") != "visorlib" or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{path} is not a visorlib checkpoint config (needs format: visorlib and a config)")
+    version = meta.get("version", 1)  # files from before the version field are format 1
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{path}: version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {version} is newer than this visorlib reads "
+            f"(version {FORMAT_VERSION}); upgrade visorlib to load it"
+        )
+    return meta
+
+
+def read_safetensors(
+    files: list[Path], dtype: torch.dtype | None = None, origins: dict[str, Path] | None = None
+) -> dict[str, torch.Tensor]:
+    """Load every tensor of ``files`` (cast floating tensors to ``dtype`` when given).
+
+    Args:
+        files: The safetensors files.
+        dtype: Cast floating-point tensors to this dtype.
+        origins: Filled with the file each key came from, so later errors can name it.
+    """
     state: dict[str, torch.Tensor] = {}
     for file in files:
         if not file.exists():
@@ -104,16 +162,35 @@ def read_safetensors(files: list[Path], dtype: torch.dtype | None = None) -> dic
                     if dtype is not None and tensor.is_floating_point():
                         tensor = tensor.to(dtype)
                     state[key] = tensor
+                    if origins is not None:
+                        origins[key] = file
         except (SafetensorError, OSError, RuntimeError) as err:
             raise CheckpointError(f"{file} is corrupt or truncated: {err}") from err
     return state
 
 
-def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def _kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_floating_point:
+        return "floating-point"
+    return "complex" if dtype.is_complex else "integer"
+
+
+def load_state_into(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, origins: dict[str, Any] | None = None
+) -> None:
     """Load ``state`` into ``model`` (possibly on the meta device), strictly.
 
+    Args:
+        model: The model to fill.
+        state: Tensors keyed by the model's names.
+        source: Named in errors (the checkpoint folder).
+        origins: The file each key of ``state`` came from (named in dtype errors when known).
+
     Raises:
-        CheckpointError: naming missing or unexpected keys, or a tensor whose shape differs.
+        CheckpointError: naming missing or unexpected keys, a tensor whose shape differs, or one
+            whose kind (floating-point, integer, bool) differs from the model's parameter.
     """
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -126,6 +203,15 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: st
     for key in sorted(set(expected) & set(state)):
         if tuple(expected[key].shape) != tuple(state[key].shape):
             problems.append(f"{key}: checkpoint shape {list(state[key].shape)} != model shape {list(expected[key].shape)}")
+            break
+    for key in sorted(set(expected) & set(state)):
+        # Checked before loading: an int/bool tensor would otherwise become a parameter that cannot
+        # hold gradients, or be cast silently (bool -> 0/1 weights), deep inside load_state_dict.
+        want, got = _kind(expected[key].dtype), _kind(state[key].dtype)
+        if want != got:
+            where = (origins or {}).get(key, source)
+            problems.append(f"{key} in {where} holds {got} values ({state[key].dtype}) but the model's "
+                            f"parameter is {want} ({expected[key].dtype})")
             break
     if problems:
         raise CheckpointError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
@@ -140,12 +226,21 @@ def _preview(keys: list[str], limit: int = 5) -> str:
     return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)} in all)"
 
 
+def _default_mode(path: str | os.PathLike) -> None:
+    """Give a temporary file the mode a plain ``open`` would (0644 under umask 022): tempfile
+    creates 0600, which would make exported checkpoints unreadable to other users."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON so that a crash leaves either the old file or the new one, never half of one."""
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
         json.dump(data, tmp, indent=2)
         tmp.flush()
         os.fsync(tmp.fileno())
+    _default_mode(tmp.name)
     os.replace(tmp.name, path)
 
 
@@ -157,43 +252,171 @@ def atomic_save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata=metadata)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        _default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def write_checkpoint(state: dict[str, torch.Tensor], cfg, directory: str | os.PathLike) -> Path:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary name beside ``path``, fsync, then rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _default_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_checkpoint(
+    state: dict[str, torch.Tensor], cfg, directory: str | os.PathLike, extra_files: dict[str, bytes] | None = None
+) -> Path:
     """Write a visorlib checkpoint folder: weights first, config last, each atomically.
 
     An interrupted save therefore never leaves a folder that looks complete but mixes old and new
     files (the trainer's consolidated export uses this too).
+
+    Args:
+        state: The tensors to save.
+        cfg: The :class:`ModelConfig` written into ``visorlib.json``.
+        directory: The folder (created if needed).
+        extra_files: Other files by name (tokenizer, model card), written after the weights and
+            before ``visorlib.json``.
     """
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / SAFETENSORS_INDEX).unlink(missing_ok=True)
     atomic_save_safetensors(state, folder / SAFETENSORS, {"format": "pt", "producer": "visorlib"})
+    for name, data in (extra_files or {}).items():
+        atomic_write_bytes(folder / name, data)
     atomic_write_json(folder / VISORLIB_CONFIG, {"format": "visorlib", "version": FORMAT_VERSION, "config": cfg.to_dict()})
     return folder
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def tokenizer_files(model: nn.Module, tokenizer: Any = None) -> dict[str, bytes]:
+    """The tokenizer files to save beside ``model``'s weights (empty when it has no tokenizer).
+
+    Args:
+        model: A visorlib model; its ``checkpoint_dir`` (the folder it was loaded from) is used
+            when ``tokenizer`` is None.
+        tokenizer: A :class:`visorlib.processing.Tokenizer`, or a processor holding one.
+    """
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor -> its tokenizer
+    if tokenizer is not None:
+        if not hasattr(tokenizer, "backend"):
+            raise TypeError(f"tokenizer must be a visorlib Tokenizer or a processor, got {type(tokenizer).__name__}")
+        settings = {k: v for k, v in (("eos_token", tokenizer.eos_token), ("pad_token", tokenizer.pad_token)) if v}
+        return {"tokenizer.json": tokenizer.backend.to_str().encode(),
+                "tokenizer_config.json": json.dumps(settings, indent=2).encode()}
+    folder = getattr(model, "checkpoint_dir", None)
+    if folder is None or not (Path(folder) / "tokenizer.json").is_file():
+        return {}
+    return {name: (Path(folder) / name).read_bytes() for name in TOKENIZER_FILES if (Path(folder) / name).is_file()}
+
+
+def render_model_card(model: nn.Module, repo_id: str | None, files: list[str]) -> str:
+    """A Hugging Face model card (``README.md``) describing a visorlib checkpoint."""
+    cfg = model.cfg
+    params = sum(p.numel() for p in model.parameters())
+    front = ["---", "library_name: visorlib", "tags:", "- visorlib", "- vision-language"]
+    if cfg.visor is not None:
+        front.append("- visor")
+    if cfg.hub_id:
+        front.append(f"base_model: {cfg.hub_id}")
+    front.append("---")
+    plan = ""
+    if cfg.visor is not None:
+        v = cfg.visor
+        plan = (f"\n\nVISOR layer plan: cross-attention layers {v.ca_layers}, self-attention candidates "
+                f"{v.sa_layers}, router {'on' if v.router else 'off'}, packing ratio {v.packing_ratio}.")
+    source = repo_id or "path/to/this/folder"
+    return "\n".join(front) + f"""
+
+# {cfg.name}
+
+{cfg.description or "A visorlib vision-language model."}
+
+- family: `{cfg.family}`, {params / 1e6:.1f} M parameters
+- decoder: {cfg.decoder.num_layers} layers, width {cfg.decoder.hidden_size}; vision tower: `{cfg.vision.kind}`
+- files: {", ".join(f"`{f}`" for f in files)}{plan}
+
+Load it with [visorlib](https://github.com/visorlib/visorlib):
+
+```python
+import visorlib
+
+model = visorlib.from_pretrained("{source}")
+processor = visorlib.processor_for(model)
+```
+"""
 
 
 class PretrainedMixin:
     """``save_pretrained`` / ``push_to_hub`` for models that carry a ``cfg`` (:class:`ModelConfig`)."""
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``visorlib.json`` and ``model.safetensors`` into ``directory`` (created if needed)."""
+    def save_pretrained(
+        self, directory: str | os.PathLike, tokenizer: Any = None, model_card: bool = False, repo_id: str | None = None
+    ) -> Path:
+        """Write a checkpoint folder that :func:`visorlib.from_pretrained` loads back.
+
+        ``visorlib.json`` and ``model.safetensors`` always; ``tokenizer.json`` (+
+        ``tokenizer_config.json``) when the model has a tokenizer: the one passed, else the one in
+        the folder the model was loaded from (``model.checkpoint_dir``). A model built with random
+        weights has none unless you pass it.
+
+        Args:
+            directory: The folder (created if needed).
+            tokenizer: A :class:`~visorlib.processing.Tokenizer` or a processor (``processor_for(model)``).
+            model_card: Also write a ``README.md`` model card (:meth:`push_to_hub` always does).
+            repo_id: The Hub repository the card's loading example names.
+        """
         state = self.state_dict()
         if any(t.is_meta for t in state.values()):
             raise CheckpointError("cannot save a model built on the meta device: it has no weights yet")
-        return write_checkpoint(state, self.cfg, directory)
+        files = tokenizer_files(self, tokenizer)
+        if model_card:
+            names = [SAFETENSORS, *files, VISORLIB_CONFIG]
+            files["README.md"] = render_model_card(self, repo_id, names).encode()
+        return write_checkpoint(state, self.cfg, directory, files)
 
-    def push_to_hub(self, repo_id: str, private: bool = False, commit_message: str = "Upload visorlib model") -> str:
-        """Save to a temporary folder and upload it to the Hub; returns the commit URL."""
-        from huggingface_hub import HfApi
+    def push_to_hub(
+        self, repo_id: str, private: bool = False, commit_message: str = "Upload visorlib model", tokenizer: Any = None
+    ) -> str:
+        """Save (weights, config, tokenizer, model card) to a temporary folder and upload it to the Hub.
 
-        api = HfApi()
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        Args:
+            repo_id: ``owner/name`` of the Hub repository (created if missing).
+            private: Create the repository as private.
+            commit_message: The upload's commit message.
+            tokenizer: As in :meth:`save_pretrained`.
+
+        Returns:
+            The commit URL.
+
+        Raises:
+            CheckpointError: naming the Hub and the repository when it cannot be reached or refuses.
+        """
+        from huggingface_hub import HfApi, constants
+
         with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp)
-            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
+            # Saved first, so a model that cannot be saved fails before any network traffic.
+            self.save_pretrained(tmp, tokenizer=tokenizer, model_card=True, repo_id=repo_id)
+            try:
+                api = HfApi()
+                api.create_repo(repo_id, private=private, exist_ok=True)
+                info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
+            except Exception as err:  # noqa: BLE001 - httpx, ssl, socket and Hub errors all mean "not pushed"
+                raise CheckpointError(
+                    f"could not push to the Hugging Face Hub repo {repo_id!r} at {constants.ENDPOINT} "
+                    f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {type(err).__name__}: {err}"
+                ) from err
         return str(info)

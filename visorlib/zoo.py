@@ -24,6 +24,7 @@ from .hub import (
     VISORLIB_CONFIG,
     CheckpointError,
     load_state_into,
+    read_checkpoint_meta,
     read_json,
     read_safetensors,
     resolve_checkpoint,
@@ -121,6 +122,9 @@ def build(
     if not pretrained:
         return instantiate(cfg, device, dtype).eval()
     source = cfg.hub_id if pretrained is True else pretrained
+    packaged = zoo_dir() / "weights" / name
+    if pretrained is True and (packaged / VISORLIB_CONFIG).exists():
+        source = packaged  # weights shipped inside the package beside the card (offline)
     if source is None:
         raise ConfigError(f"{name}: pretrained=True but the card names no hub_id")
     folder = resolve_checkpoint(source)
@@ -146,25 +150,35 @@ def build(
 
 def load_weights(model: nn.Module, folder: Path) -> None:
     """Load a visorlib or Hugging Face checkpoint folder into ``model`` (strict)."""
-    state = read_safetensors(weight_files(folder))
-    if not (folder / VISORLIB_CONFIG).exists():
+    own = folder / VISORLIB_CONFIG
+    if own.exists():
+        read_checkpoint_meta(own)  # a newer format must not be read as this one
+    origins: dict[str, Path] = {}
+    state = read_safetensors(weight_files(folder), origins=origins)
+    if not own.exists():
+        # Converters rename keys but keep the tensor objects: follow them to name files in errors.
+        file_of = {id(tensor): origins[key] for key, tensor in state.items()}
         state = family_of(model.cfg).convert_state(state, model.cfg)
-    load_state_into(model, state, str(folder))
+        origins = {key: file_of.get(id(tensor), folder) for key, tensor in state.items()}
+    load_state_into(model, state, str(folder), origins)
 
 
 def read_checkpoint_config(folder: Path) -> ModelConfig:
     """The :class:`ModelConfig` of a visorlib or Hugging Face checkpoint folder."""
     own = folder / VISORLIB_CONFIG
     if own.exists():
-        meta = read_json(own)
-        if meta.get("format") != "visorlib" or not isinstance(meta.get("config"), dict):
-            raise CheckpointError(f"{own} is not a visorlib checkpoint config")
-        return ModelConfig.from_dict(meta["config"], str(own))
+        return ModelConfig.from_dict(read_checkpoint_meta(own)["config"], str(own))
     hf = folder / "config.json"
     if not hf.exists():
         raise CheckpointError(f"{folder} has neither {VISORLIB_CONFIG} nor config.json")
     hf_config = read_json(hf)
-    return family_for_hf(hf_config.get("model_type"), str(hf)).config_from_hf(hf_config, str(hf), folder.name)
+    family = family_for_hf(hf_config.get("model_type"), str(hf))
+    try:
+        return family.config_from_hf(hf_config, str(hf), folder.name)
+    except ConfigError as err:
+        if str(hf) in str(err):
+            raise
+        raise ConfigError(f"{hf}: {err}") from err  # a value check of the built config: name the file
 
 
 def from_pretrained(
@@ -197,26 +211,49 @@ def from_pretrained(
 def processor_for(model: nn.Module, tokenizer_source: str | os.PathLike | None = None):
     """The processor (images + text -> model inputs) that matches ``model``.
 
-    The tokenizer comes from ``tokenizer_source`` if given, else from the folder the model was
-    loaded from, else from the card's ``hub_id`` (through the Hub cache). A model with none of
-    these (random weights, no network) gets a processor that handles pixels only.
+    The tokenizer (``tokenizer.json``) comes from, in order:
+
+    1. ``tokenizer_source`` if given: a folder, the file itself, or a Hub id. Any failure is raised;
+       a value that looks like a path (``./tok``, ``runs/tok`` beside a ``runs/`` folder, one
+       without ``owner/name`` form) is never looked up on the Hub.
+    2. The folder the model was loaded from (``model.checkpoint_dir``), when it holds one. A
+       corrupt ``tokenizer.json`` there raises :class:`CheckpointError`.
+    3. The card's ``hub_id``: through the Hub (or its cache) for a model built without a
+       checkpoint; from the local Hub cache only for a model loaded from a folder, so a saved
+       folder without a tokenizer falls back at once instead of waiting on network retries.
+
+    A model with none of these gets a processor that handles pixels only, with a warning.
 
     Args:
         model: A visorlib model (anything with ``.cfg``).
-        tokenizer_source: A folder or Hub id holding ``tokenizer.json``.
+        tokenizer_source: A folder, ``tokenizer.json`` file or Hub id.
+
+    Raises:
+        FileNotFoundError: ``tokenizer_source`` is a local path that does not exist.
+        CheckpointError: A tokenizer file that exists is corrupt.
     """
     make = family_of(model.cfg).processor
-    candidates = [tokenizer_source, getattr(model, "checkpoint_dir", None), model.cfg.hub_id]
-    errors = []
-    for source in candidates:
-        if source is None:
-            continue
+    if tokenizer_source is not None:
         try:
-            return make(model.cfg, source)
+            return make(model.cfg, tokenizer_source)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"tokenizer_source={os.fspath(tokenizer_source)!r}: {err}") from err
+    folder = getattr(model, "checkpoint_dir", None)
+    errors = []
+    if folder is not None:
+        if (Path(folder) / "tokenizer.json").is_file():
+            try:
+                return make(model.cfg, folder)
+            except ValueError as err:  # a tokenizer that disagrees with the card's token ids
+                errors.append(f"{folder}: {err}")
+        else:
+            errors.append(f"{folder} has no tokenizer.json")
+    hub_id = model.cfg.hub_id
+    if hub_id is not None:
+        try:
+            return make(model.cfg, hub_id, local_files_only=folder is not None)
         except (OSError, ValueError, RuntimeError) as err:
-            if source is tokenizer_source:
-                raise
-            errors.append(f"{source}: {err}")
+            errors.append(f"{hub_id}{' (local Hub cache only)' if folder is not None else ''}: {err}")
     warnings.warn(
         "no tokenizer found for this model (" + ("; ".join(errors) or "no checkpoint or hub_id") + "); "
         "the processor will prepare images only",

@@ -1,7 +1,7 @@
 """Backbone-agnostic VISOR blocks: layer plan, cross-attention, router, token packing."""
 
 from .cross_attention import ConvPositionalEmbedding, CrossAttention
-from .plan import CROSS, SELF, TEXT, LayerPlan
+from .plan import CROSS, SELF, TEXT, LayerPlan, validate_sa_layers
 from .router import ConfigurationRouter, costliest, route_configs
 from .token_packing import TokenPacker, widen_projector
 
@@ -16,5 +16,6 @@ __all__ = [
     "TokenPacker",
     "costliest",
     "route_configs",
+    "validate_sa_layers",
     "widen_projector",
 ]

@@ -15,9 +15,12 @@ dense model: the executor then runs exactly the dense computation.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
+from typing import Any
 
 from ..config import ConfigError, VisorConfig
+from ..validation import LayerChoiceError
 
 TEXT, CROSS, SELF = "text", "cross", "self"
 
@@ -57,17 +60,31 @@ class LayerPlan:
         self.default = self.sa_layers if cfg.default is None else self.validate(cfg.default, "visor.default")
 
     def validate(self, layers: Sequence[int], what: str = "sa_layers") -> list[int]:
-        """A sorted configuration, or a ConfigError naming the offending layers."""
+        """A sorted configuration, or a :class:`~visorlib.validation.LayerChoiceError` naming the problem.
+
+        Layers must be ints (a bool or a float such as ``1.9`` is refused, never truncated), each
+        an SA candidate of this plan, none repeated.
+        """
+        if hasattr(layers, "tolist") and not isinstance(layers, (list, tuple)):
+            layers = layers.tolist()  # a tensor or array; a float one is refused below
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
+            raise LayerChoiceError(f"{what} must be a list of layer indices, got {layers!r}")
+        not_ints = [i for i in layers if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
+        if not_ints:
+            raise LayerChoiceError(f"{what}={list(layers)!r}: layers must be ints, got {not_ints!r}")
         layers = [int(i) for i in layers]
+        repeated = sorted({i for i in layers if layers.count(i) > 1})
+        if repeated:
+            raise LayerChoiceError(f"{what}={layers}: layers {repeated} are repeated")
         out_of_range = [i for i in layers if not 0 <= i < self.num_layers]
         if out_of_range:
-            raise ConfigError(f"{what}: layers {out_of_range} are out of range (decoder has {self.num_layers} layers)")
+            raise LayerChoiceError(f"{what}: layers {out_of_range} are out of range (decoder has {self.num_layers} layers)")
         not_candidates = [i for i in layers if i not in self.sa_layers]
         if not_candidates:
-            raise ConfigError(
+            raise LayerChoiceError(
                 f"{what}: layers {not_candidates} are not self-attention candidates (candidates: {self.sa_layers})"
             )
-        return sorted(set(layers))
+        return sorted(layers)
 
     @property
     def always_executed(self) -> list[int]:
@@ -92,3 +109,53 @@ class LayerPlan:
         """Short name such as ``8CA-2SA``."""
         configuration = self.default if configuration is None else configuration
         return f"{len(self.ca_layers)}CA-{len(configuration)}SA"
+
+
+def validate_sa_layers(
+    plan: LayerPlan, sa_layers: Any, batch: int, has_router: bool = False, model: str = "the model"
+) -> list[list[int]] | None:
+    """Per-sample configurations for a user's ``sa_layers``; None means "ask the router".
+
+    The one check of ``sa_layers`` for every entry point (``forward``, ``generate``, FLOPs).
+
+    Args:
+        plan: The model's layer plan.
+        sa_layers: None (the card's default), ``"all"``, ``"router"``, one list of layers for the
+            whole batch, or one list per sample (a tensor or array is read with ``.tolist()``).
+            A bare int is refused: it could mean a layer or a number of layers; write ``[4]``.
+        batch: Samples in the batch.
+        has_router: Whether ``"router"`` is available.
+        model: The model's name, for messages.
+
+    Raises:
+        LayerChoiceError: (an InputError and a ConfigError) naming what is wrong.
+    """
+    if hasattr(sa_layers, "tolist") and not isinstance(sa_layers, (list, tuple, str)):
+        sa_layers = sa_layers.tolist()
+    if plan.dense and sa_layers not in (None, "all"):
+        raise LayerChoiceError(f"sa_layers={sa_layers!r}: {model} is a dense model with no VISOR layer plan")
+    if sa_layers is None:
+        return [plan.default] * batch
+    if isinstance(sa_layers, str):
+        if sa_layers == "all":
+            return [plan.sa_layers] * batch
+        if sa_layers == "router":
+            if not has_router:
+                raise LayerChoiceError(f"sa_layers='router' but {model} has no router")
+            return None
+        raise LayerChoiceError(f"sa_layers must be None, 'all', 'router' or lists of layers, got {sa_layers!r}")
+    if isinstance(sa_layers, numbers.Number):
+        raise LayerChoiceError(f"sa_layers={sa_layers!r} is a bare number; pass a list of layers such as "
+                               f"[{sa_layers!r}] (a bare number could mean a layer or a count of layers)")
+    if not isinstance(sa_layers, Sequence):
+        raise LayerChoiceError(f"sa_layers must be None, 'all', 'router' or lists of layers, got {type(sa_layers).__name__}")
+    sa_layers = list(sa_layers)
+    nested = [isinstance(c, (list, tuple)) for c in sa_layers]
+    if sa_layers and all(nested):
+        if len(sa_layers) != batch:
+            raise LayerChoiceError(f"sa_layers gives {len(sa_layers)} configurations for a batch of {batch}")
+        return [plan.validate(c, f"sa_layers[{i}]") for i, c in enumerate(sa_layers)]
+    if any(nested):
+        raise LayerChoiceError(f"sa_layers={sa_layers!r} mixes lists and layers; pass one list of layers, or one "
+                               "list per sample")
+    return [plan.validate(sa_layers)] * batch

@@ -9,6 +9,7 @@ pseudo-labels (see the training guide); here it only predicts.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -34,6 +35,7 @@ class ConfigurationRouter(nn.Module):
         self.token = nn.Parameter(torch.zeros(dim))
         self.norm = RMSNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, num_configurations))
+        self._warned_untrained = False
 
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -42,6 +44,40 @@ class ConfigurationRouter(nn.Module):
         for layer in (self.mlp[0], self.mlp[2]):
             nn.init.normal_(layer.weight, std=std)
             nn.init.zeros_(layer.bias)
+
+    @torch.no_grad()
+    def is_untrained(self) -> bool:
+        """True while the router still holds its initial weights (it would route at random).
+
+        Every initialisation visorlib performs (:meth:`reset_parameters`, ``init_weights``,
+        ``visorize``) leaves both MLP biases exactly zero and the norm's scale exactly one, and
+        any optimiser step moves them (the last bias's gradient is ``softmax - target``, never
+        zero). Reading that state off the weights themselves works for every way a router can
+        arrive (fresh build, trainer export, ``save_pretrained``, a DCP resume, a hand-made state
+        dict) without a marker in the checkpoint that older files would lack.
+        """
+        tensors = (self.mlp[0].bias, self.mlp[2].bias, self.norm.weight)
+        if any(t.is_meta for t in tensors):
+            return False  # no values to judge (a meta-device build)
+        return bool(self.mlp[0].bias.eq(0).all() & self.mlp[2].bias.eq(0).all() & self.norm.weight.eq(1).all())
+
+    def warn_if_untrained(self, model: str = "the model") -> None:
+        """Warn once per router when it is asked to route while still untrained.
+
+        Silent while the router itself is being trained (training mode with gradients on), which
+        is the one time an untrained router is expected to route.
+        """
+        if self._warned_untrained or (self.training and torch.is_grad_enabled()):
+            return
+        if self.is_untrained():
+            self._warned_untrained = True
+            warnings.warn(
+                f"{model}: sa_layers='router' with a router that was never trained (its weights are still the "
+                "initial ones), so its configuration choices are arbitrary; train it (the recipe's router "
+                "stage) or load trained weights, or pass a fixed sa_layers",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Configuration logits ``[N, C]`` for routing-token states ``hidden [N, D]``."""

@@ -52,9 +52,9 @@ def _lazy(module: str, name: str) -> Callable:
 def _processor(name: str) -> Callable:
     """Factory ``(cfg, tokenizer_source_or_None)`` of the processor class ``visorlib.processing.<name>``."""
 
-    def make(cfg, source=None):
+    def make(cfg, source=None, **kwargs):
         cls = getattr(importlib.import_module("visorlib.processing"), name)
-        return cls(cfg) if source is None else cls.from_pretrained(cfg, source)
+        return cls(cfg) if source is None else cls.from_pretrained(cfg, source, **kwargs)
 
     return make
 

@@ -22,6 +22,7 @@ from ..config import ModelConfig
 from ..generation import GenerationMixin
 from ..hub import PretrainedMixin
 from ..processing import anyres
+from ..validation import require_tensor
 from .multimodal import InputError, Media, ModelOutput, MultimodalMixin
 from .visor import VisorMixin
 
@@ -103,9 +104,16 @@ class LlavaOnevision(VisorMixin, MultimodalMixin, GenerationMixin, PretrainedMix
             raise InputError(
                 f"pixel_values must be [images, tiles, 3, {side}, {side}], got {list(pixel_values.shape)}"
             )
+        if image_sizes is not None:
+            require_tensor(image_sizes, "image_sizes")
         if image_sizes is None or image_sizes.shape != (pixel_values.shape[0], 2):
             got = None if image_sizes is None else list(image_sizes.shape)
             raise InputError(f"image_sizes must be [{pixel_values.shape[0]}, 2] (height, width per image), got {got}")
+        empty = (image_sizes <= 0).any(1)
+        if bool(empty.any()):
+            index = int(empty.nonzero()[0, 0])
+            raise InputError(f"image_sizes[{index}] is {image_sizes[index].tolist()}: image heights and widths must be "
+                             "positive (the original size of each image, in pixels)")
         tiles = self._tiles_per_image(image_sizes, batch_num_images)
         for index, n in enumerate(tiles):
             if n > pixel_values.shape[1]:
@@ -184,11 +192,14 @@ class LlavaOnevision(VisorMixin, MultimodalMixin, GenerationMixin, PretrainedMix
             the batch's images, then its videos, on their tokens (-1 elsewhere).
         """
         tokens = self.cfg.tokens
+        groups = None
+        if batch_num_images is not None:
+            groups = require_tensor(batch_num_images, "batch_num_images").tolist()
         return self.scatter_media(input_ids, [
             Media("image", tokens.image_token_id, "<image>", pixel_values,
-                  lambda: self.encode_images(pixel_values, image_sizes, batch_num_images)),
+                  lambda: self.encode_images(pixel_values, image_sizes, batch_num_images), "pixel_values", groups),
             Media("video", tokens.video_token_id, "<video>", pixel_values_videos,
-                  lambda: self.encode_videos(pixel_values_videos)),
+                  lambda: self.encode_videos(pixel_values_videos), "pixel_values_videos", rows="video"),
         ])
 
     def forward(

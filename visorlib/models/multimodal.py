@@ -11,10 +11,15 @@ give them. From there on the path is the same and is written once, in :class:`Mu
 * :meth:`~MultimodalMixin.run_language_model` checks the attention mask, asks the family for
   its rotary positions, runs the decoder under the VISOR plan and returns the logits (text
   positions only under a VISOR plan) and the next-token loss.
+
+Both check their inputs with :mod:`visorlib.validation` (what is checked: ``docs/inputs.md``):
+ids inside the vocabulary, finite pixels and embeddings, each sample's placeholders against its
+own images, no all-padding row. A decode step pays one small reduction and one host sync for it.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -25,11 +30,22 @@ import torch.nn.functional as F
 from ..cache import KVCache
 from ..config import ModelConfig
 from ..layers import positions_from_mask
+from ..validation import (
+    InputError,
+    check_attention_mask,
+    check_finite,
+    check_media_per_sample,
+    check_token_ids,
+    first_nonfinite_row,
+    flags,
+    nonfinite,
+    require_tensor,
+    safe_token_ids,
+    token_id_error,
+)
 from .executor import compact, gather_tokens, scatter_tokens
 
-
-class InputError(ValueError):
-    """Model inputs are inconsistent (shapes, placeholder counts, missing tensors)."""
+__all__ = ["InputError", "Media", "ModelOutput", "MultimodalMixin"]
 
 
 @dataclass
@@ -61,6 +77,10 @@ class Media(NamedTuple):
         placeholder: The placeholder's text (for messages).
         pixels: The pixel tensor, or None when none were given.
         encode: Computes the visual tokens, one ``[tokens, D]`` tensor per image/video.
+        argument: The pixels' argument name (for messages).
+        groups: Images per sample that has any (``batch_num_images``), when the caller knows them.
+        rows: What dim 0 of ``pixels`` counts (``"image"``), or a function naming row ``i`` (for
+            flattened patches: which image the patch belongs to).
     """
 
     kind: str
@@ -68,6 +88,9 @@ class Media(NamedTuple):
     placeholder: str
     pixels: object
     encode: Callable[[], list[torch.Tensor]]
+    argument: str = "pixel_values"
+    groups: Sequence[int] | None = None
+    rows: str | Callable[[int], str] = "image"
 
 
 class MultimodalMixin:
@@ -98,35 +121,55 @@ class MultimodalMixin:
             ``(embeddings [B, L, D], visual_mask [B, L], segments [B, L])``; ``segments`` numbers
             the batch's images, then its videos, on their tokens (-1 elsewhere).
         """
-        if input_ids.dim() != 2:
-            raise InputError(f"input_ids must be [batch, length], got {list(input_ids.shape)}")
+        check_token_ids(input_ids)
         masks = [input_ids == m.token_id for m in media]
         visual_mask = torch.stack(masks).any(0) if masks else torch.zeros_like(input_ids, dtype=torch.bool)
         routing_mask = self.routing_mask(input_ids)
-        # Placeholder ids may lie outside a shrunk vocabulary; they are overwritten anyway.
-        embeds = self.decoder.embed_tokens(input_ids.masked_fill(visual_mask | routing_mask, 0))
+        table = self.decoder.embed_tokens
+        placeholders = visual_mask | routing_mask
+        # Placeholder ids may lie outside a shrunk vocabulary; they are overwritten anyway. A bad
+        # id is reported below, together with the finiteness check, in one host sync.
+        ids, bad_ids = safe_token_ids(input_ids, placeholders, table.num_embeddings)
+        embeds = table(ids)
         if self.router is not None:
             embeds = torch.where(routing_mask[..., None], self.router.token.to(embeds.dtype), embeds)
         segments = torch.full_like(input_ids, -1)
         first_segment = 0
+        missing = []  # kinds without pixels: their placeholders are an error, read back with the flags below
         for mask, item in zip(masks, media, strict=True):
-            slots = int(mask.sum())
             if item.pixels is None:
-                if slots:
-                    raise InputError(f"input_ids contain {slots} {item.kind} tokens but no {item.kind} pixels were given")
+                missing.append((item, mask))
                 continue
+            slots = mask.sum(1).tolist()
+            check_finite(require_tensor(item.pixels, item.argument), item.argument, item.rows)
             parts = item.encode()
             features = torch.cat(parts).to(embeds.dtype)
-            if features.shape[0] != slots:
+            if features.shape[0] != sum(slots):
                 raise InputError(
-                    f"input_ids contain {slots} {item.kind} tokens but the {item.kind}s produce {features.shape[0]} "
+                    f"input_ids contain {sum(slots)} {item.kind} tokens but the {item.kind}s produce {features.shape[0]} "
                     f"features; expand each {item.placeholder} placeholder with visorlib.processor_for(model)"
                 )
+            check_media_per_sample(slots, [len(p) for p in parts], item.kind, item.groups)
             embeds = embeds.masked_scatter(mask[..., None].expand_as(embeds), features)
             lengths = torch.tensor([len(p) for p in parts], device=input_ids.device)
             ordinals = torch.arange(len(parts), device=input_ids.device) + first_segment
             segments = segments.masked_scatter(mask, torch.repeat_interleave(ordinals, lengths))
             first_segment += len(parts)
+        # Cost: one reduction over the ids, one over the embeddings (and one per kind without
+        # pixels), read back in one host sync: all a decode step pays for its checks.
+        bad_ids, bad_embeds, *stray = flags(bad_ids, nonfinite(embeds), *(mask.any() for _, mask in missing))
+        for (item, mask), found in zip(missing, stray, strict=True):
+            if found:
+                raise InputError(f"input_ids contain {int(mask.sum())} {item.kind} tokens but no {item.kind} pixels "
+                                 "were given")
+        if bad_ids:
+            raise token_id_error(input_ids, placeholders, table.num_embeddings)
+        if bad_embeds:
+            row = first_nonfinite_row(embeds)
+            source = ("the visual features (vision tower / projector weights)" if bool(visual_mask[row].any())
+                      else "the token embedding table")
+            raise InputError(f"the input embeddings of sample {row} hold NaN or infinite values, from {source}; "
+                             "the model would return NaN logits")
         return embeds, visual_mask, segments
 
     def run_language_model(
@@ -161,12 +204,10 @@ class MultimodalMixin:
         past = cache.seen if cache is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=input_ids.device)
-        if attention_mask.shape != (batch, past + length):
-            raise InputError(
-                f"attention_mask must be [{batch}, {past + length}] (cached + new tokens), got {list(attention_mask.shape)}"
-            )
+        check_attention_mask(attention_mask, batch, past + length, prefill=past == 0)
         if position_ids is None:
             position_ids = (default_positions or (lambda mask: positions_from_mask(mask)[:, past:]))(attention_mask)
+        self._warn_past_positions(position_ids, past + length)
         hidden, configs, router_logits = self.run_decoder(
             embeds, position_ids, attention_mask, visual_mask, segments, self.routing_mask(input_ids), sa_layers, cache
         )
@@ -187,6 +228,26 @@ class MultimodalMixin:
             labels = self.supervised_labels(input_ids, labels.to(logits.device))
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return ModelOutput(logits=logits, loss=loss, cache=cache, sa_layers=configs, router_logits=router_logits)
+
+    def _warn_past_positions(self, position_ids: torch.Tensor, total: int) -> None:
+        """Warn once when a position passes ``max_position_embeddings`` (RoPE runs, quality is unknown).
+
+        Positions never exceed the token count, so the reduction runs only when the sequence is
+        longer than the limit: ordinary steps pay nothing.
+        """
+        limit = self.cfg.decoder.max_position_embeddings
+        if total <= limit or getattr(self, "_warned_positions", False):
+            return
+        largest = int(position_ids.max())
+        if largest >= limit:
+            self._warned_positions = True
+            warnings.warn(
+                f"input_ids reach position {largest} but {self.cfg.name} was trained for "
+                f"max_position_embeddings={limit} positions; rotary positions run past it, but answers "
+                "beyond that length are not reliable",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def _logits(self, hidden: torch.Tensor, visual_mask: torch.Tensor, keep: int) -> torch.Tensor:
         """LM head over every position (dense plan), or over text positions only (VISOR plans)."""

@@ -45,6 +45,7 @@ from ..config import ConfigError, ModelConfig
 from ..generation import GenerationMixin
 from ..hub import PretrainedMixin
 from ..layers import positions_from_mask
+from ..validation import require_tensor
 from .multimodal import InputError, Media, ModelOutput, MultimodalMixin
 from .visor import VisorMixin
 
@@ -91,6 +92,15 @@ def mrope_positions(
     return positions, torch.tensor(deltas, device=device)[:, None]
 
 
+def _patch_owner(grid_thw: object, kind: str, row: int) -> str:
+    """``"patch 7 of image 1"``: which image a row of the flattened patches belongs to (for messages)."""
+    try:
+        ends = torch.as_tensor(grid_thw).prod(-1).cumsum(0)
+        return f"patch {row} of {kind} {int(torch.searchsorted(ends, torch.tensor(row), right=True))}"
+    except (TypeError, RuntimeError, ValueError):  # no usable grid: the patch alone
+        return f"patch {row}"
+
+
 class Qwen2VL(VisorMixin, MultimodalMixin, GenerationMixin, PretrainedMixin, nn.Module):
     """Qwen2-VL: vision tower, patch merger (``projector``), Qwen2 decoder with M-RoPE.
 
@@ -130,12 +140,19 @@ class Qwen2VL(VisorMixin, MultimodalMixin, GenerationMixin, PretrainedMixin, nn.
         """
         merge = self.cfg.vision.spatial_merge_size
         width = self.vision_tower.patch_dim
+        if grid_thw is not None:
+            require_tensor(grid_thw, f"{kind}_grid_thw")
         if pixel_values.dim() != 2 or pixel_values.shape[1] != width:
             raise InputError(f"{kind} pixel values must be [patches, {width}] (flattened patches), "
                              f"got {list(pixel_values.shape)}")
         if grid_thw is None or grid_thw.dim() != 2 or grid_thw.shape[1] != 3:
             got = None if grid_thw is None else list(grid_thw.shape)
             raise InputError(f"{kind}_grid_thw must be [{kind}s, 3] (t, h, w patches each), got {got}")
+        empty = (grid_thw <= 0).any(1)
+        if bool(empty.any()):
+            index = int(empty.nonzero()[0, 0])
+            raise InputError(f"{kind}_grid_thw[{index}] is {grid_thw[index].tolist()}: every {kind} needs at least "
+                             "one patch along t, h and w")
         if int(grid_thw.prod(-1).sum()) != pixel_values.shape[0]:
             raise InputError(f"{kind}_grid_thw describes {int(grid_thw.prod(-1).sum())} patches but "
                              f"pixel values hold {pixel_values.shape[0]}")
@@ -150,11 +167,12 @@ class Qwen2VL(VisorMixin, MultimodalMixin, GenerationMixin, PretrainedMixin, nn.
         """``(embeddings, visual_mask, segments)`` with visual tokens over each ``<|image_pad|>`` /
         ``<|video_pad|>`` run (see :meth:`~visorlib.models.multimodal.MultimodalMixin.scatter_media`)."""
         tokens = self.cfg.tokens
-        media = [(tokens.image_token_id, "image", pixel_values, image_grid_thw),
-                 (tokens.video_token_id, "video", pixel_values_videos, video_grid_thw)]
+        media = [(tokens.image_token_id, "image", "pixel_values", pixel_values, image_grid_thw),
+                 (tokens.video_token_id, "video", "pixel_values_videos", pixel_values_videos, video_grid_thw)]
         return self.scatter_media(input_ids, [
-            Media(kind, token, f"<|{kind}_pad|>", pixels, functools.partial(self.encode, pixels, grid, kind))
-            for token, kind, pixels, grid in media
+            Media(kind, token, f"<|{kind}_pad|>", pixels, functools.partial(self.encode, pixels, grid, kind), argument,
+                  rows=functools.partial(_patch_owner, grid, kind))
+            for token, kind, argument, pixels, grid in media
         ])
 
     def rope_positions(

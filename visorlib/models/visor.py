@@ -20,6 +20,7 @@ from ..blocks import (
     LayerPlan,
     TokenPacker,
     route_configs,
+    validate_sa_layers,
     widen_projector,
 )
 from ..config import ConfigError, ModelConfig, VisorConfig
@@ -69,27 +70,14 @@ class VisorMixin:
         """Per-sample configurations for ``sa_layers``; None means "ask the router".
 
         Accepts None (the card's default), ``"all"``, ``"router"``, one list of layers for the whole
-        batch, or one list per sample.
+        batch, or one list per sample; checked by :func:`~visorlib.blocks.plan.validate_sa_layers`.
+        Routing with a router that was never trained warns once (see
+        :meth:`~visorlib.blocks.router.ConfigurationRouter.warn_if_untrained`).
         """
-        plan = self.plan
-        if plan.dense and sa_layers not in (None, "all"):
-            raise ValueError(f"sa_layers={sa_layers!r}: {self.cfg.name} is a dense model with no VISOR layer plan")
-        if sa_layers is None:
-            return [plan.default] * batch
-        if isinstance(sa_layers, str):
-            if sa_layers == "all":
-                return [plan.sa_layers] * batch
-            if sa_layers == "router":
-                if self.router is None:
-                    raise ValueError(f"sa_layers='router' but {self.cfg.name} has no router")
-                return None
-            raise ValueError(f"sa_layers must be None, 'all', 'router' or lists of layers, got {sa_layers!r}")
-        sa_layers = list(sa_layers)
-        if sa_layers and all(isinstance(c, (list, tuple)) for c in sa_layers):
-            if len(sa_layers) != batch:
-                raise ValueError(f"sa_layers gives {len(sa_layers)} configurations for a batch of {batch}")
-            return [plan.validate(c) for c in sa_layers]
-        return [plan.validate(sa_layers)] * batch
+        configs = validate_sa_layers(self.plan, sa_layers, batch, self.router is not None, self.cfg.name)
+        if configs is None:
+            self.router.warn_if_untrained(self.cfg.name)
+        return configs
 
     def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """True on image/video placeholder positions."""

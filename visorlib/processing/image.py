@@ -32,75 +32,137 @@ import torchvision.transforms.v2.functional as tvF
 from PIL import Image
 
 from ..config import ModelConfig
+from ..validation import InputError
 from . import anyres
 
 _BICUBIC = tvF.InterpolationMode.BICUBIC
 _RESCALE = 1 / 255
 
 
-def to_chw_tensor(image: Any, index: int = 0) -> torch.Tensor:
+# PIL modes whose values are not 8-bit: read as arrays and put on the 0-255 scale below. (PIL's own
+# convert("RGB") clips them to 0..255, turning a 16-bit photo white; transformers does the same.)
+_WIDE_PIL_MODES = ("I", "F")
+_MAX_16BIT = 65535
+
+
+def to_chw_tensor(image: Any, index: int = 0, label: str = "image") -> torch.Tensor:
     """Convert one image to an RGB ``[3, H, W]`` tensor the way HF's torchvision backend does.
 
-    PIL images keep their dtype semantics (uint8); transparency is composited onto white. Arrays
-    and tensors may be ``[H, W]``, ``[H, W, C]`` or ``[C, H, W]`` with ``C`` in 1, 3, 4 (channels
-    first wins when ambiguous, as in HF); greyscale is repeated to RGB and RGBA is alpha-blended
-    onto white. Non-uint8 arrays are taken to be on the 0-255 scale, like HF does.
+    8-bit PIL images keep their dtype semantics (uint8); transparency is composited onto white.
+    Arrays and tensors may be ``[H, W]``, ``[H, W, C]`` or ``[C, H, W]`` with ``C`` in 1, 3, 4
+    (channels first wins when ambiguous, as in HF); greyscale is repeated to RGB and RGBA is
+    alpha-blended onto white. Values are put on the 0-255 scale by :func:`_to_pixel_scale`
+    (16-bit data, including PIL's ``I;16`` / ``I`` modes, scaled by 255/65535; floats, including
+    PIL's ``F`` mode, taken on the 0-255 scale like HF and refused when non-finite or outside it).
 
     Args:
         image: A ``PIL.Image.Image``, ``numpy.ndarray`` or ``torch.Tensor``.
         index: Position of the image in its batch, used in error messages.
+        label: What the image is, for messages (``"image"``, ``"video frame"``).
 
     Raises:
-        ValueError: Wrong type, unsupported shape or channel count, or a side of length 0.
+        InputError: Wrong type, unsupported shape, channel count or dtype, a side of length 0, or
+            values that are not finite or outside the dtype's range.
     """
+    name = f"{label} {index}"
     if isinstance(image, Image.Image):
         if image.width == 0 or image.height == 0:
-            raise ValueError(f"image {index} has size {image.height}x{image.width} (height x width); both sides must be > 0")
-        if "A" in image.getbands() or image.info.get("transparency") is not None:
-            rgba = image.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(white, rgba)
-        array = np.array(image.convert("RGB"))
-        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+            raise InputError(f"{name} has size {image.height}x{image.width} (height x width); both sides must be > 0")
+        if image.mode in _WIDE_PIL_MODES or image.mode.startswith("I;16"):
+            array = np.asarray(image)
+            image = array.astype(array.dtype.newbyteorder("="))  # I;16B is big-endian; torch needs native order
+        else:
+            if "A" in image.getbands() or image.info.get("transparency") is not None:
+                rgba = image.convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                image = Image.alpha_composite(white, rgba)
+            array = np.array(image.convert("RGB"))
+            return torch.from_numpy(array).permute(2, 0, 1).contiguous()
     if isinstance(image, np.ndarray):
-        tensor = torch.from_numpy(np.ascontiguousarray(image))
+        if image.dtype.kind not in "uif" or image.dtype.itemsize > 8:
+            raise InputError(f"{name} has unsupported dtype {image.dtype}; pass uint8 (or uint16, or floats on the "
+                             "0-255 scale)")
+        tensor = torch.from_numpy(np.ascontiguousarray(image.astype(image.dtype.newbyteorder("="), copy=False)))
     elif isinstance(image, torch.Tensor):
         tensor = image.detach().cpu()
     else:
-        raise ValueError(
-            f"image {index} has unsupported type {type(image).__name__}; expected a PIL.Image.Image, "
+        raise InputError(
+            f"{name} has unsupported type {type(image).__name__}; expected a PIL.Image.Image, "
             "numpy.ndarray or torch.Tensor"
         )
     if tensor.ndim == 2:
         tensor = tensor.unsqueeze(0)
     if tensor.ndim != 3:
-        raise ValueError(f"image {index} must have 2 or 3 dimensions, got shape {tuple(tensor.shape)}")
+        raise InputError(f"{name} must have 2 or 3 dimensions, got shape {tuple(tensor.shape)}")
     if tensor.shape[0] not in (1, 3, 4):
         if tensor.shape[-1] not in (1, 3, 4):
-            raise ValueError(f"image {index} has shape {tuple(tensor.shape)}: no axis of 1, 3 or 4 channels")
+            raise InputError(f"{name} has shape {tuple(tensor.shape)}: no axis of 1, 3 or 4 channels")
         tensor = tensor.permute(2, 0, 1)
     if tensor.shape[-1] == 0 or tensor.shape[-2] == 0:
-        raise ValueError(
-            f"image {index} has size {tensor.shape[-2]}x{tensor.shape[-1]} (height x width); both sides must be > 0"
+        raise InputError(
+            f"{name} has size {tensor.shape[-2]}x{tensor.shape[-1]} (height x width); both sides must be > 0"
         )
-    if tensor.is_floating_point() and tensor.numel() and float(tensor.max()) <= 1.0:
-        warnings.warn(
-            f"image {index} is floating point with values in [0, 1]; like Hugging Face, visorlib expects "
-            "pixel values on the 0-255 scale (pass uint8 to be safe)",
-            stacklevel=3,
-        )
+    tensor = _to_pixel_scale(tensor, name)
     tensor = tvF.grayscale_to_rgb(tensor)
     if tensor.shape[0] == 4:
-        tensor = _blend_alpha_on_white(tensor)
+        tensor = _blend_alpha_on_white(tensor, name)
     return tensor.contiguous()
 
 
-def _blend_alpha_on_white(rgba: torch.Tensor) -> torch.Tensor:
+def _to_pixel_scale(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """Check an image's values and put them on the 0-255 scale the pipeline expects.
+
+    * ``uint8``: as is.
+    * Other integer dtypes (``uint16``, ``int32``, PIL ``I;16`` / ``I``): values must lie in
+      ``0..65535``. When they all fit in ``0..255`` they are read as 8-bit values (what PIL and
+      transformers do, so such images give transformers' exact result); otherwise the image is
+      16-bit data and is scaled by 255/65535 (rounded) to uint8: 65535 -> 255, 32896 -> 128.
+    * Floating point (PIL ``F`` too): must be finite and in ``[0, 255]`` (the 0-255 scale HF
+      expects); values in ``[0, 1]`` pass with a warning, since they are probably fractions.
+
+    Raises:
+        InputError: naming the image, for bool / complex data, negative or > 16-bit integers, and
+            non-finite or out-of-range floats.
+    """
+    if tensor.dtype == torch.uint8:
+        return tensor
+    if tensor.dtype == torch.bool or tensor.is_complex():
+        raise InputError(f"{name} has unsupported dtype {tensor.dtype}; pass uint8 (or uint16, or floats on the "
+                         "0-255 scale)")
+    if tensor.numel() == 0:
+        return tensor
+    if not tensor.is_floating_point():
+        dtype, tensor = tensor.dtype, tensor.to(torch.int64)  # torch has no min/max for uint16/uint32
+        low, high = int(tensor.min()), int(tensor.max())
+        if low < 0 or high > _MAX_16BIT:
+            raise InputError(f"{name} ({dtype}) holds values in [{low}, {high}]; integer images must lie in "
+                             f"0..255 (8-bit) or 0..{_MAX_16BIT} (16-bit): rescale it to uint8 yourself")
+        if high <= 255:
+            return tensor.to(torch.uint8)
+        # round(x * 255 / 65535) in integers: 65535 = 255 * 257, so this is round(x / 257).
+        return ((tensor * 255 + _MAX_16BIT // 2) // _MAX_16BIT).to(torch.uint8)
+    if not bool(torch.isfinite(tensor).all()):
+        raise InputError(f"{name} holds NaN or infinite values")
+    low, high = float(tensor.min()), float(tensor.max())
+    if low < 0.0 or high > 255.0:
+        raise InputError(f"{name} is floating point with values in [{low:g}, {high:g}]; floats must be on the 0-255 "
+                         "scale (not normalised, not 16-bit); pass uint8 to be safe")
+    if high <= 1.0:
+        warnings.warn(
+            f"{name} is floating point with values in [0, 1]; like Hugging Face, visorlib expects "
+            "pixel values on the 0-255 scale (pass uint8 to be safe)",
+            stacklevel=4,
+        )
+    return tensor
+
+
+def _blend_alpha_on_white(rgba: torch.Tensor, name: str = "image") -> torch.Tensor:
     """Composite an RGBA ``[4, H, W]`` tensor onto white, returning RGB in the input dtype."""
     dtype = rgba.dtype
     if rgba.is_floating_point() and (float(rgba.min()) < 0.0 or float(rgba.max()) > 1.0):
         # Float alpha must be a 0-1 fraction to blend; HF refuses these too.
-        raise ValueError(f"a floating-point RGBA image must hold values in [0, 1], got [{float(rgba.min())}, {float(rgba.max())}]")
+        raise InputError(f"{name}: a floating-point RGBA image must hold values in [0, 1], got "
+                         f"[{float(rgba.min())}, {float(rgba.max())}]")
     x = tvF.to_dtype(rgba.movedim(0, -1), torch.float32, scale=True)
     rgb = x[..., :3] * x[..., 3:] + (1 - x[..., 3:])
     return tvF.to_dtype(rgb, dtype, scale=True).movedim(-1, 0)
@@ -184,16 +246,16 @@ def preprocess_images(
         ``[N, 2]`` original ``(height, width)``.
 
     Raises:
-        ValueError: No images, an unsupported type, a side of length 0, or a ``tiled`` list of
+        InputError: No images, an unsupported type, a side of length 0, or a ``tiled`` list of
             the wrong length.
     """
     if not isinstance(images, (list, tuple)):
         images = [images]
     if len(images) == 0:
-        raise ValueError("preprocess_images got an empty list of images; pass at least one image")
+        raise InputError("preprocess_images got an empty list of images; pass at least one image")
     flags = [bool(tiled)] * len(images) if isinstance(tiled, bool) else [bool(t) for t in tiled]
     if len(flags) != len(images):
-        raise ValueError(f"tiled has {len(flags)} flags for {len(images)} images")
+        raise InputError(f"tiled has {len(flags)} flags for {len(images)} images")
     per_image, sizes = [], []
     for index, (image, flag) in enumerate(zip(images, flags, strict=True)):
         chw = to_chw_tensor(image, index)
@@ -212,18 +274,18 @@ def _frames_tensor(frames: Any) -> torch.Tensor:
     """One video as an RGB ``[F, 3, H, W]`` tensor (list of images, or a 4-D array/tensor)."""
     if isinstance(frames, (np.ndarray, torch.Tensor)):
         if frames.ndim != 4:
-            raise ValueError(f"a video array must be 4-D [frames, H, W, C] or [frames, C, H, W], got {tuple(frames.shape)}")
+            raise InputError(f"a video array must be 4-D [frames, H, W, C] or [frames, C, H, W], got {tuple(frames.shape)}")
         frames = list(frames)
     elif not isinstance(frames, (list, tuple)):
-        raise ValueError(
+        raise InputError(
             f"a video must be a list of frames or a 4-D numpy.ndarray / torch.Tensor, got {type(frames).__name__}"
         )
     if len(frames) == 0:
-        raise ValueError("a video must have at least one frame")
-    tensors = [to_chw_tensor(frame, index) for index, frame in enumerate(frames)]
+        raise InputError("a video must have at least one frame")
+    tensors = [to_chw_tensor(frame, index, "video frame") for index, frame in enumerate(frames)]
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) != 1:
-        raise ValueError(f"all frames of a video must have the same size, got {sorted(shapes)}")
+        raise InputError(f"all frames of a video must have the same size, got {sorted(shapes)}")
     return torch.stack(tensors)
 
 

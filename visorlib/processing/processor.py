@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from ..config import ModelConfig
+from ..validation import InputError
 from . import anyres
 from .chat import IM_END, IM_START, IMAGE_TOKEN, VIDEO_TOKEN, apply_chat_template, media_in_messages
 from .image import preprocess_images, preprocess_video
@@ -52,16 +53,16 @@ def _group_images(images: Any, counts: list[int]) -> list[list[Any]]:
     nested = [isinstance(item, (list, tuple)) for item in images]
     if images and all(nested):
         if len(images) != len(counts):
-            raise ValueError(
+            raise InputError(
                 f"images is a nested list of {len(images)} entries but there are {len(counts)} text samples; "
                 "pass one list of images per sample (an empty list for a text-only sample)"
             )
         groups = [list(group) for group in images]
     elif any(nested):
-        raise ValueError("images mixes single images and lists; pass a flat list or one list per sample")
+        raise InputError("images mixes single images and lists; pass a flat list or one list per sample")
     else:
         if len(images) != sum(counts):
-            raise ValueError(
+            raise InputError(
                 f"the text holds {sum(counts)} {IMAGE_TOKEN} placeholders (per sample: {counts}) but "
                 f"{len(images)} images were passed"
             )
@@ -71,7 +72,7 @@ def _group_images(images: Any, counts: list[int]) -> list[list[Any]]:
             start += count
     for index, (group, count) in enumerate(zip(groups, counts, strict=True)):
         if len(group) != count:
-            raise ValueError(
+            raise InputError(
                 f"sample {index} has {count} {IMAGE_TOKEN} placeholders but {len(group)} images were given for it"
             )
     return groups
@@ -84,7 +85,7 @@ def _list_videos(videos: Any) -> list[Any]:
     if isinstance(videos, (np.ndarray, torch.Tensor)):
         return list(videos) if videos.ndim == 5 else [videos]
     if not isinstance(videos, (list, tuple)):
-        raise ValueError(f"videos must be a video (list of frames / 4-D array) or a list of videos, got {type(videos).__name__}")
+        raise InputError(f"videos must be a video (list of frames / 4-D array) or a list of videos, got {type(videos).__name__}")
     if videos and all(_is_image(frame) for frame in videos):
         return [videos]
     return list(videos)
@@ -162,7 +163,7 @@ class ChatProcessor:
             to one id per visual token), and the pixel tensors of :meth:`preprocess`.
 
         Raises:
-            ValueError: Placeholder counts that do not match the images/videos, bad inputs, or
+            InputError (a ValueError): Placeholder counts that do not match the images/videos, bad inputs, or
                 text without a tokenizer.
         """
         texts = self._texts(text, images, videos, padding_side, return_tensors)
@@ -185,9 +186,9 @@ class ChatProcessor:
             raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
         texts = [text] if isinstance(text, str) else None if text is None else list(text)
         if texts is not None and (not texts or not all(isinstance(t, str) for t in texts)):
-            raise ValueError("text must be a string or a non-empty list of strings")
+            raise InputError("text must be a string or a non-empty list of strings")
         if texts is None and images is None and videos is None:
-            raise ValueError("nothing to process: pass text, images or videos")
+            raise InputError("nothing to process: pass text, images or videos")
         return texts
 
     def _tokenize(self, texts: list[str], image_counts: list[int], video_counts: list[int]) -> list[list[int]]:
@@ -306,7 +307,7 @@ class ChatProcessor:
         text = "".join(t for _, t in turns)
         placed = (text.count(IMAGE_TOKEN), text.count(VIDEO_TOKEN))
         if placed != (len(images), len(videos)):
-            raise ValueError(
+            raise InputError(
                 f"{placed[0]} {IMAGE_TOKEN} / {placed[1]} {VIDEO_TOKEN} placeholders but {len(images)} images / "
                 f"{len(videos)} videos"
             )
@@ -430,12 +431,12 @@ class LlavaOnevisionProcessor(ChatProcessor):
         if texts is not None:
             placed = sum(t.count(VIDEO_TOKEN) for t in texts)
             if placed != len(video_list):
-                raise ValueError(f"the text holds {placed} {VIDEO_TOKEN} placeholders but {len(video_list)} videos were passed")
+                raise InputError(f"the text holds {placed} {VIDEO_TOKEN} placeholders but {len(video_list)} videos were passed")
         if video_list:
             clips = [preprocess_video(video, self.cfg) for video in video_list]
             frame_counts = [clip.shape[1] for clip in clips]
             if len(set(frame_counts)) > 1:
-                raise ValueError(f"videos in one batch must have the same number of frames, got {frame_counts}")
+                raise InputError(f"videos in one batch must have the same number of frames, got {frame_counts}")
             out["pixel_values_videos"] = torch.cat(clips)
 
         image_counts = [self.num_image_tokens(size, t) for size, t in zip(out.get("image_sizes", []), tiled, strict=True)]

@@ -36,6 +36,7 @@ import torch
 import torchvision.transforms.v2.functional as tvF
 
 from ..config import ModelConfig
+from ..validation import InputError
 from .chat import QWEN2_VL_SYSTEM, apply_qwen2_vl_chat_template
 from .image import _frames_tensor, _normalize, to_chw_tensor
 from .processor import ChatProcessor, _list_videos
@@ -49,10 +50,10 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     """The size Qwen2-VL resizes a ``height x width`` image to: multiples of ``factor``, area bounded.
 
     Raises:
-        ValueError: The aspect ratio exceeds 200 (the reference refuses those too).
+        InputError: The aspect ratio exceeds 200 (the reference refuses those too).
     """
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise ValueError(f"image of {height}x{width} has an aspect ratio above {MAX_ASPECT_RATIO}")
+        raise InputError(f"image of {height}x{width} has an aspect ratio above {MAX_ASPECT_RATIO}")
     # Python's round (half to even) on purpose: the reference uses it, and 7.5 -> 8 but 6.5 -> 6.
     new_h, new_w = round(height / factor) * factor, round(width / factor) * factor
     if new_h * new_w > max_pixels:
@@ -186,7 +187,7 @@ class Qwen2VLProcessor(ChatProcessor):
             for token, given in ((IMAGE_PAD, image_list), (VIDEO_PAD, video_list)):
                 placed = sum(t.count(token) for t in texts)
                 if placed != len(given):
-                    raise ValueError(f"the text holds {placed} {token} placeholders but {len(given)} were passed")
+                    raise InputError(f"the text holds {placed} {token} placeholders but {len(given)} were passed")
         out: dict[str, Any] = {}
         if image_list:
             out.update(preprocess_qwen2_vl_images(image_list, self.cfg))

@@ -8,13 +8,14 @@ wrap the Rust tokenizer directly and get the same ids without depending on trans
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as RustTokenizer
+
+from ..hub import CheckpointError, looks_local, read_json
 
 # Qwen2 / LLaVA-OneVision conventions, used when no tokenizer_config.json says otherwise.
 DEFAULT_EOS_TOKEN = "<|im_end|>"
@@ -72,10 +73,16 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer file at {path}")
-        return cls(RustTokenizer.from_file(str(path)), **kwargs)
+        try:
+            backend = RustTokenizer.from_file(str(path))
+        except Exception as err:  # noqa: BLE001 - the Rust library raises a bare Exception for any parse error
+            raise CheckpointError(f"{path} is not a valid tokenizer.json: {err}") from err
+        return cls(backend, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, revision: str | None = None, **kwargs: Any) -> Tokenizer:
+    def from_pretrained(
+        cls, path_or_hub_id: str | os.PathLike, revision: str | None = None, local_files_only: bool = False, **kwargs: Any
+    ) -> Tokenizer:
         """Load from a local directory or a Hugging Face Hub repository.
 
         ``tokenizer.json`` is required. ``tokenizer_config.json``, when present, supplies the
@@ -86,6 +93,7 @@ class Tokenizer:
             path_or_hub_id: A directory holding ``tokenizer.json``, a path to the file itself, or
                 a Hub repository id such as ``"llava-hf/llava-onevision-qwen2-0.5b-ov-hf"``.
             revision: Hub revision (branch, tag or commit).
+            local_files_only: For a Hub id, read the Hub cache only (no network).
             **kwargs: ``eos_token`` / ``pad_token`` overrides (win over tokenizer_config.json).
         """
         local = Path(path_or_hub_id)
@@ -96,23 +104,26 @@ class Tokenizer:
             if not tokenizer_file.is_file():
                 raise FileNotFoundError(f"directory {local} has no tokenizer.json")
             config_file: Path | None = local / "tokenizer_config.json"
-        elif str(path_or_hub_id).startswith(("/", ".", "~")) or str(path_or_hub_id).count("/") > 1:
-            # Not a valid "owner/name" hub id, so the user meant a local path that is missing.
-            raise FileNotFoundError(f"no tokenizer file or directory at {path_or_hub_id}")
+        elif looks_local(path_or_hub_id):
+            # Not a Hub id "owner/name", so the user meant a local path that is missing.
+            raise FileNotFoundError(
+                f"no tokenizer file or folder at {os.fspath(path_or_hub_id)!r} (looked in {local.expanduser().absolute()})"
+            )
         else:
             from huggingface_hub import hf_hub_download
             from huggingface_hub.errors import EntryNotFoundError
 
             repo = str(path_or_hub_id)
-            tokenizer_file = Path(hf_hub_download(repo, "tokenizer.json", revision=revision))
+            offline = {"local_files_only": True} if local_files_only else {}
+            tokenizer_file = Path(hf_hub_download(repo, "tokenizer.json", revision=revision, **offline))
             try:
-                config_file = Path(hf_hub_download(repo, "tokenizer_config.json", revision=revision))
+                config_file = Path(hf_hub_download(repo, "tokenizer_config.json", revision=revision, **offline))
             except (OSError, EntryNotFoundError):
                 # The config is optional: without it the Qwen2 defaults below are used.
                 config_file = None
         settings = {}
         if config_file is not None and config_file.is_file():
-            config = json.loads(config_file.read_text(encoding="utf-8"))
+            config = read_json(config_file)
             for key in ("eos_token", "pad_token"):
                 token = _token_text(config.get(key))
                 if token is not None:

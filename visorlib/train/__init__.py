@@ -3,6 +3,7 @@
 from .data import BatchPlan, ConversationDataset, DataError, collate
 from .recipe import Recipe, load_recipe
 from .router import log_configurations, select_labels, train_router
+from .runlock import RunDirError, RunLock
 from .synth import make_synthetic_dataset
 from .trainer import Trainer, configuration_for_step
 
@@ -11,6 +12,8 @@ __all__ = [
     "ConversationDataset",
     "DataError",
     "Recipe",
+    "RunDirError",
+    "RunLock",
     "Trainer",
     "collate",
     "configuration_for_step",

@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from ..models.multimodal import InputError
+from ..processing.files import DEFAULT_MAX_PIXELS, open_image
 from .recipe import DatasetSpec
 
 log = logging.getLogger("visorlib.train")
@@ -42,11 +44,21 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         raise DataError(f"dataset file {path} not found")
     text = path.read_text()
+    if path.suffix == ".jsonl":
+        rows = []
+        # split("\n"), not splitlines(): a JSON string may hold a raw U+2028, which is not a line end here.
+        for number, line in enumerate(text.split("\n"), 1):  # numbered in the file, blank lines included
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {number} is not valid JSON: {err.msg} (column {err.colno})") from err
+            if not isinstance(rows[-1], dict):
+                raise DataError(f"{path}: line {number} must hold a JSON object, got {type(rows[-1]).__name__}")
+        return rows
     try:
-        if path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            rows = json.loads(text)
+        rows = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON{'L' if path.suffix == '.jsonl' else ''}: {err}") from err
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
@@ -64,7 +76,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         on_error: ``"skip"`` or ``"raise"``.
     """
 
-    def __init__(self, spec: DatasetSpec, processor, max_length: int, on_error: str = "skip"):
+    def __init__(self, spec: DatasetSpec, processor, max_length: int, on_error: str = "skip", *,
+                 allow_outside_image_root: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 max_consecutive_errors: int | None = None):
         self.path = Path(spec.path)
         if spec.format == "synthetic" and self.path.is_dir():
             self.path = self.path / "data.jsonl"
@@ -74,6 +88,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         if not self.rows:
             raise DataError(f"{self.path}: the dataset is empty")
         self.processor, self.max_length, self.on_error = processor, max_length, on_error
+        self.allow_outside, self.max_pixels = allow_outside_image_root, max_pixels
+        self.max_consecutive_errors = max_consecutive_errors
         self.reported: set[int] = set()
 
     def __len__(self) -> int:
@@ -88,17 +104,36 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """The encoded sample ``index``, or (``on_error="skip"``) the next good one."""
+        sample, skipped = self.fetch(index)
+        for current, message in skipped:
+            if current not in self.reported:
+                self.reported.add(current)
+                log.warning("skipping a broken sample: %s", message)
+        return sample
+
+    def fetch(self, index: int) -> tuple[dict[str, Any], list[tuple[int, str]]]:
+        """The encoded sample ``index`` (or the next good one) and the ``(index, error)`` of every
+        broken row passed over on the way, for the caller to report and count.
+
+        Raises:
+            DataError: ``on_error="raise"`` and the row is broken; no row could be encoded; or more
+                than ``max_consecutive_errors`` rows in a row are broken (a wrong ``image_root``
+                makes every row fail: better one clear error than a million warnings).
+        """
+        skipped: list[tuple[int, str]] = []
         for offset in range(len(self.rows)):
             current = (index + offset) % len(self.rows)
             try:
-                return self.encode(current)
+                return self.encode(current), skipped
             except DataError as err:
                 if self.on_error == "raise":
                     raise
-                if current not in self.reported:
-                    self.reported.add(current)
-                    log.warning("skipping a broken sample: %s", err)
-        raise DataError(f"{self.path}: no sample could be encoded")
+                skipped.append((current, str(err)))
+                if self.max_consecutive_errors is not None and len(skipped) > self.max_consecutive_errors:
+                    raise DataError(f"{self.path}: {len(skipped)} consecutive samples from index {index} are broken "
+                                    f"(more than data.max_skip_fraction allows); check the dataset's path and "
+                                    f"image_root. First error: {skipped[0][1]}") from err
+        raise DataError(f"{self.path}: no sample could be encoded; first error: {skipped[0][1]}")
 
     @staticmethod
     def _media(row: dict, key: str) -> list[str]:
@@ -111,14 +146,13 @@ class ConversationDataset(torch.utils.data.Dataset):
         return [value] if isinstance(value, str) else list(value)
 
     def _open(self, index: int, relative: str) -> Image.Image:
-        path = self.root / relative
+        if not isinstance(relative, str) or not relative:
+            raise DataError(f"{self.path}[{index}]: image paths must be non-empty strings, got {relative!r}")
         try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except FileNotFoundError as err:
-            raise DataError(f"{self.path}[{index}]: image {path} not found") from err
-        except (UnidentifiedImageError, OSError) as err:
-            raise DataError(f"{self.path}[{index}]: image {path} is corrupt or unreadable: {err}") from err
+            # The image's own mode is kept: the processors convert 16-bit / float modes to RGB correctly.
+            return open_image(relative, root=self.root, allow_outside=self.allow_outside, max_pixels=self.max_pixels)
+        except InputError as err:
+            raise DataError(f"{self.path}[{index}]: {err}") from err
 
     def encode(self, index: int) -> dict[str, Any]:
         """Encode row ``index`` (raises :class:`DataError` naming file and index when broken)."""
@@ -227,3 +261,116 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     if "image_sizes" in batch:
         batch["batch_num_images"] = torch.tensor([s["image_sizes"].shape[0] for s in samples if "image_sizes" in s])
     return batch
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item ``(step, k)``: micro-batch ``k`` of this rank's share of step ``step``'s global batch.
+
+    This is what the trainer's ``DataLoader`` reads: each item is decoded, tiled and collated in
+    a worker process while the model trains on earlier ones, and because the item is a pure
+    function of its key (the :class:`BatchPlan` order), any number of workers produces exactly
+    the batches of ``num_workers=0`` — and a resumed run those of an uninterrupted one.
+
+    Broken samples are not logged here (a worker's log and state are not the trainer's): the
+    item carries them (``skipped``) and how many rows were read, and a :class:`SkipMonitor` in
+    the training process reports and counts them in step order. Errors travel as text
+    (``error``) so they reach the user as one clean message rather than a worker traceback.
+    """
+
+    def __init__(self, datasets: list[ConversationDataset], plan: BatchPlan, rank: int, world: int,
+                 micro_batch_size: int, pad_id: int):
+        self.datasets, self.plan = datasets, plan
+        self.rank, self.world, self.micro, self.pad_id = rank, world, micro_batch_size, pad_id
+
+    def refs(self, step: int) -> list[list[tuple[int, int]]]:
+        """This rank's micro-batches of ``(dataset, index)`` references for ``step``."""
+        refs = self.plan.global_batch(step)
+        per_rank = len(refs) // self.world
+        mine = refs[self.rank * per_rank:(self.rank + 1) * per_rank]
+        return [mine[k:k + self.micro] for k in range(0, len(mine), self.micro)]
+
+    def micro_batches_per_step(self) -> int:
+        return self.plan.global_batch_size // self.world // self.micro
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        step, k = key
+        out: dict[str, Any] = {"step": step, "micro": k, "skipped": [], "read": 0, "error": None, "batch": None}
+        try:
+            samples = []
+            for d, i in self.refs(step)[k]:
+                sample, skipped = self.datasets[d].fetch(i)
+                out["skipped"] += [(d, index, message) for index, message in skipped]
+                out["read"] += 1 + len(skipped)
+                samples.append(sample)
+            out["batch"] = collate(samples, self.pad_id)
+        except DataError as err:
+            out["error"] = str(err)
+        return out
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """The keys ``(step, k)`` of steps ``start .. stop - 1``, in training order."""
+
+    def __init__(self, start: int, stop: int, per_step: int):
+        self.start, self.stop, self.per_step = start, stop, per_step
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            for k in range(self.per_step):
+                yield (step, k)
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start) * self.per_step
+
+
+def identity(item: Any) -> Any:
+    """The loader's ``collate_fn``: items are collated micro-batches already (module level: picklable)."""
+    return item
+
+
+class SkipMonitor:
+    """Reports broken samples once each and stops training when too many are broken.
+
+    Args:
+        datasets: The datasets (for their names in messages).
+        max_fraction: Largest accepted share of broken rows among the rows read (``data.max_skip_fraction``).
+        check_after: Rows read before the share is enforced (``data.skip_check_after``).
+    """
+
+    def __init__(self, datasets: list[ConversationDataset], max_fraction: float, check_after: int):
+        self.datasets, self.max_fraction, self.check_after = datasets, max_fraction, check_after
+        self.read = self.skipped = 0
+        self.reported: set[tuple[int, int]] = set()
+        self.first: str | None = None
+
+    def record(self, items: list[dict[str, Any]]) -> tuple[int, int]:
+        """Log the broken samples of a step's items; returns the step's ``(read, skipped)`` counts.
+
+        Raises:
+            DataError: An item could not be built (its message, as the worker wrote it).
+        """
+        read = skipped = 0
+        for item in items:
+            if item["error"] is not None:
+                raise DataError(item["error"])
+            read, skipped = read + item["read"], skipped + len(item["skipped"])
+            for d, index, message in item["skipped"]:
+                self.first = self.first or message
+                if (d, index) not in self.reported:
+                    self.reported.add((d, index))
+                    log.warning("skipping a broken sample: %s", message)
+        return read, skipped
+
+    def check(self, read: int, skipped: int) -> None:
+        """Add a step's counts (summed over ranks) and raise once the broken share is too high.
+
+        Raises:
+            DataError: More than ``max_fraction`` of at least ``check_after`` rows were broken.
+        """
+        self.read, self.skipped = self.read + int(read), self.skipped + int(skipped)
+        if self.read >= self.check_after and self.skipped > self.max_fraction * self.read:
+            names = ", ".join(str(d.path) for d in self.datasets)
+            raise DataError(f"{self.skipped} of the {self.read} samples read so far are broken "
+                            f"({self.skipped / self.read:.0%}, more than data.max_skip_fraction="
+                            f"{self.max_fraction}); check the paths and image_root of {names}. "
+                            f"First error: {self.first}")

@@ -8,11 +8,15 @@ modes here. There is no dotted-path import: a recipe cannot run arbitrary code.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, merge_nested, parse_dataclass, read_yaml_mapping
+from ..processing.files import DEFAULT_MAX_PIXELS
 
 DATASET_FORMATS = ("llava_json", "synthetic")
 MODES = ("universal", "independent", "dense")
@@ -65,6 +69,19 @@ class DataSection:
         micro_batch_size: Samples per forward on each rank.
         group_by_length: Batch samples of similar length together (less padding).
         tokenizer: Folder or hub id holding ``tokenizer.json`` (default: the model's source).
+        max_skip_fraction: With ``on_error: skip``, stop training once more than this share of the
+            samples read so far was broken (a wrong ``image_root`` must not skip every row).
+        skip_check_after: Samples read before ``max_skip_fraction`` is enforced (a few broken rows
+            at the very start are not yet a trend).
+        allow_outside_image_root: Accept image paths that leave ``image_root`` (``..``, absolute
+            paths elsewhere, symbolic links out of it).
+        max_pixels: Largest image (width x height) read; larger files are broken samples
+            (decompression-bomb guard). ``null``: only PIL's own limit.
+        num_workers: ``DataLoader`` worker processes decoding and tiling images while the model
+            steps (0: in the training process).
+        prefetch_factor: Micro-batches each worker prepares ahead (``null``: torch's default, 2);
+            only with ``num_workers > 0``.
+        pin_memory: Page-lock batches for faster host-to-GPU copies (only used on CUDA).
     """
 
     datasets: list[DatasetSpec] = field(default_factory=list)
@@ -73,18 +90,34 @@ class DataSection:
     micro_batch_size: int = 1
     group_by_length: bool = True
     tokenizer: str | None = None
+    max_skip_fraction: float = 0.1
+    skip_check_after: int = 32
+    allow_outside_image_root: bool = False
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    num_workers: int = 0
+    prefetch_factor: int | None = None
+    pin_memory: bool = True
 
 
 @dataclass
 class OptimSection:
-    """AdamW with warm-up and cosine decay (the paper: no weight decay)."""
+    """AdamW with warm-up and cosine decay (the paper: no weight decay).
+
+    Attributes:
+        lr: Peak learning rate.
+        weight_decay: AdamW weight decay.
+        betas: AdamW's two moment coefficients, each in [0, 1).
+        warmup_steps: Linear warm-up steps.
+        min_lr_ratio: The cosine decays to this share of ``lr`` (0 to 1).
+        grad_clip: Clip the global gradient norm to this; ``null`` or 0: no clipping.
+    """
 
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0
+    grad_clip: float | None = 1.0
 
 
 @dataclass
@@ -103,6 +136,8 @@ class TrainingSection:
         activation_checkpointing: Recompute decoder layers in backward to save memory.
         compile: ``torch.compile`` each decoder layer.
         freeze_vision_tower: Keep the vision tower frozen in stage 2.
+        threads: ``torch.set_num_threads`` for the training process (``null``: leave torch's
+            choice; on a small shared machine 1 is right).
     """
 
     stage: Any = 2
@@ -115,11 +150,19 @@ class TrainingSection:
     activation_checkpointing: bool = False
     compile: bool = False
     freeze_vision_tower: bool = False
+    threads: int | None = None
 
 
 @dataclass
 class CheckpointSection:
-    """Where and how often to checkpoint (``torch.distributed.checkpoint``, atomic)."""
+    """Where and how often to checkpoint (``torch.distributed.checkpoint``, atomic).
+
+    Attributes:
+        dir: The run folder; one training at a time may write into it (a lock file guards it).
+        every_steps: Save every N optimiser steps (and at the last step).
+        keep: Complete checkpoints kept (the newest always).
+        export_safetensors: Also write a loadable ``model/`` folder into each checkpoint.
+    """
 
     dir: str = "checkpoints/run"
     every_steps: int = 500
@@ -129,7 +172,13 @@ class CheckpointSection:
 
 @dataclass
 class LoggingSection:
-    """Progress and metrics."""
+    """Progress and metrics.
+
+    Attributes:
+        metrics_file: Append one JSON line of metrics per logged step here.
+        every_steps: Log every N steps.
+        progress: Show a progress bar.
+    """
 
     metrics_file: str | None = None
     every_steps: int = 1
@@ -170,60 +219,188 @@ class Recipe:
     source: str = "<recipe>"
 
     def validate(self) -> Recipe:
-        """Cross-field checks the types alone cannot express."""
+        """Value and cross-field checks the types alone cannot express.
+
+        Every message names the file, the key, the allowed range and the value found, so a recipe
+        that would fail (or silently do something else) after hours of training fails at load time.
+        """
         where = self.source
-        if self.training.stage not in (1, 2, "router"):
-            raise ConfigError(f"{where}: training.stage must be 1, 2 or 'router', got {self.training.stage!r}")
-        if self.training.mode not in MODES:
-            raise ConfigError(f"{where}: training.mode must be one of {MODES}, got {self.training.mode!r}")
-        if self.training.mode == "independent" and not self.training.configuration:
+
+        def need(ok: bool, key: str, allowed: str, value: Any) -> None:
+            if not ok:
+                raise ConfigError(f"{where}: {key} must be {allowed}, got {value!r}")
+
+        train, data, opt = self.training, self.data, self.optim
+        need(train.stage in (1, 2, "router"), "training.stage", "1, 2 or 'router'", train.stage)
+        need(train.mode in MODES, "training.mode", f"one of {MODES}", train.mode)
+        if train.mode == "independent" and not train.configuration:
             raise ConfigError(f"{where}: training.mode 'independent' needs training.configuration")
-        if self.router.label_mode not in ("dataset", "sample"):
-            raise ConfigError(f"{where}: router.label_mode must be 'dataset' or 'sample', got {self.router.label_mode!r}")
-        if self.data.on_error not in ("skip", "raise"):
-            raise ConfigError(f"{where}: data.on_error must be 'skip' or 'raise', got {self.data.on_error!r}")
-        for index, spec in enumerate(self.data.datasets):
-            if spec.format not in DATASET_FORMATS:
-                raise ConfigError(f"{where}: data.datasets[{index}].format must be one of {DATASET_FORMATS}")
-            if spec.weight <= 0:
-                raise ConfigError(f"{where}: data.datasets[{index}].weight must be > 0")
-        if self.checkpoint.keep < 1:
-            raise ConfigError(f"{where}: checkpoint.keep must be >= 1 (the newest checkpoint is always kept)")
-        if self.training.global_batch_size % self.data.micro_batch_size:
-            raise ConfigError(f"{where}: training.global_batch_size must be a multiple of data.micro_batch_size")
+        need(self.router.label_mode in ("dataset", "sample"), "router.label_mode", "'dataset' or 'sample'",
+             self.router.label_mode)
+        need(data.on_error in ("skip", "raise"), "data.on_error", "'skip' or 'raise'", data.on_error)
+        for index, spec in enumerate(data.datasets):
+            key = f"data.datasets[{index}]"
+            need(spec.format in DATASET_FORMATS, f"{key}.format", f"one of {DATASET_FORMATS}", spec.format)
+            need(spec.weight > 0 and math.isfinite(spec.weight), f"{key}.weight", "a number > 0", spec.weight)
+        positive = {"training.global_batch_size": train.global_batch_size, "data.micro_batch_size": data.micro_batch_size,
+                    "training.max_steps": train.max_steps, "checkpoint.every_steps": self.checkpoint.every_steps,
+                    "logging.every_steps": self.logging.every_steps, "data.max_length": data.max_length,
+                    "data.skip_check_after": data.skip_check_after, "router.samples_per_dataset":
+                    self.router.samples_per_dataset, "router.steps": self.router.steps}
+        for key, value in positive.items():
+            need(value >= 1, key, "an integer >= 1", value)
+        need(self.checkpoint.keep >= 1, "checkpoint.keep", "an integer >= 1 (the newest checkpoint is always kept)",
+             self.checkpoint.keep)
+        for key, value in {"training.threads": train.threads, "data.max_pixels": data.max_pixels,
+                           "data.prefetch_factor": data.prefetch_factor}.items():
+            need(value is None or value >= 1, key, "an integer >= 1 or null", value)
+        need(data.num_workers >= 0, "data.num_workers", "an integer >= 0", data.num_workers)
+        if data.num_workers == 0:
+            need(data.prefetch_factor is None, "data.prefetch_factor", "null when data.num_workers is 0 "
+                 "(only worker processes prefetch)", data.prefetch_factor)
+        need(0 <= data.max_skip_fraction <= 1, "data.max_skip_fraction", "between 0 and 1", data.max_skip_fraction)
+        need(opt.lr > 0 and math.isfinite(opt.lr), "optim.lr", "a number > 0", opt.lr)
+        need(opt.weight_decay >= 0, "optim.weight_decay", "a number >= 0", opt.weight_decay)
+        need(opt.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", opt.warmup_steps)
+        need(0 <= opt.min_lr_ratio <= 1, "optim.min_lr_ratio", "between 0 and 1 (a share of optim.lr)",
+             opt.min_lr_ratio)
+        # A negative clip norm multiplies the gradients by a negative factor: training would ascend.
+        need(opt.grad_clip is None or opt.grad_clip >= 0, "optim.grad_clip", "a number >= 0, or null (no clipping)",
+             opt.grad_clip)
+        need(len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas), "optim.betas",
+             "exactly two numbers in [0, 1), e.g. [0.9, 0.999]", opt.betas)
+        need(0 <= self.router.eval_fraction < 1, "router.eval_fraction", "in [0, 1)", self.router.eval_fraction)
+        if train.global_batch_size % data.micro_batch_size:
+            raise ConfigError(f"{where}: training.global_batch_size must be a multiple of data.micro_batch_size, "
+                              f"got {train.global_batch_size} and {data.micro_batch_size}")
         return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain data (what a checkpoint's ``trainer.json`` records), ``source`` excluded."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "source"}
+
+
+#: Recipe fields a resumed run may change without ``allow_recipe_change``: they do not change what
+#: is computed (how long, how often it is logged or saved, how data is loaded, CPU threads) —
+#: ``checkpoint.dir`` is the folder being resumed from, so it may have moved.
+RESUMABLE_CHANGES = ("training.max_steps", "training.threads", "logging.", "checkpoint.dir", "checkpoint.keep",
+                     "checkpoint.every_steps", "checkpoint.export_safetensors", "data.num_workers",
+                     "data.prefetch_factor", "data.pin_memory", "data.max_skip_fraction", "data.skip_check_after")
+
+
+def recipe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: saved -> now`` for every field that differs, ignoring :data:`RESUMABLE_CHANGES`."""
+    flat_saved, flat_now = _flatten(saved), _flatten(current)
+    out = []
+    for key in sorted(set(flat_saved) | set(flat_now)):
+        if any(key == allowed or (allowed.endswith(".") and key.startswith(allowed)) for allowed in RESUMABLE_CHANGES):
+            continue
+        before, after = flat_saved.get(key, "<absent>"), flat_now.get(key, "<absent>")
+        if before != after:
+            out.append(f"{key}: {before!r} -> {after!r}")
+    return out
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        # Free-form mappings (model.overrides) are compared whole, like lists.
+        if isinstance(value, dict) and key != "overrides":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe file, apply ``key.sub=value`` overrides, validate strictly.
+    """Read a recipe file, apply ``key.sub=value`` overrides, resolve paths, validate strictly.
+
+    Relative paths written in the file are relative to the file's folder (see
+    :func:`resolve_paths`); paths given in ``overrides`` are relative to the current directory,
+    like any command-line path.
 
     Args:
         path: The YAML recipe.
-        overrides: Command-line style ``section.key=value`` strings (values parsed as YAML).
-    """
-    import yaml
+        overrides: Command-line style ``section.key=value`` strings (values parsed with
+            ``yaml.safe_load``, the same loader as the file).
 
+    Raises:
+        ConfigError: Unknown key, wrong type or out-of-range value (naming key and file), or a
+            malformed override (naming the override).
+    """
     data = read_yaml_mapping(path)
-    base = Recipe(source=str(path))
-    full = {k: v for k, v in _as_dict(base).items() if k != "source"}
-    merged = merge_nested(full, data, str(path))
+    merged = merge_nested(Recipe().to_dict(), data, str(path))
+    overridden = []
     for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        key, value = item.split("=", 1)
+        key, value = parse_override(item)
         nested: dict[str, Any] = {}
         cursor = nested
         parts = key.split(".")
         for part in parts[:-1]:
             cursor = cursor.setdefault(part, {})
-        cursor[parts[-1]] = yaml.safe_load(value)
+        cursor[parts[-1]] = value
         merged = merge_nested(merged, nested, f"override {item!r}")
+        overridden.append(key)
     recipe = parse_dataclass(Recipe, merged, str(path))
     recipe.source = str(path)
+    # Absolute: the recipe recorded in a checkpoint must not depend on the directory a run started in.
+    resolve_paths(recipe, Path(path).absolute().parent, skip=overridden)
     return recipe.validate()
 
 
-def _as_dict(recipe: Recipe) -> dict[str, Any]:
-    import dataclasses
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"section.key=value"`` -> ``("section.key", value)``, the value read by ``yaml.safe_load``.
 
-    return dataclasses.asdict(recipe)
+    Raises:
+        ConfigError: No ``=``, an empty key part, or a value that is not valid (safe) YAML — a
+            ``!!python/...`` tag included — naming the override.
+    """
+    import yaml
+
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, text = item.split("=", 1)
+    if not all(part.strip() for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: the key {key!r} must be dotted names like training.max_steps")
+    try:
+        return key.strip(), yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        detail = " ".join(str(err).split())
+        raise ConfigError(f"override {item!r}: the value is not valid YAML (tags are not allowed): {detail}") from err
+
+
+def _is_local(value: str, base: Path) -> bool:
+    """Whether a tokenizer / pretrained value names a local path rather than a Hub id."""
+    return value.startswith(("./", "../", "/", "~")) or (base / value).exists()
+
+
+def resolve_paths(recipe: Recipe, base: Path, skip: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Make the recipe's relative paths relative to ``base`` (the recipe file's folder).
+
+    A recipe then means the same thing whatever directory the command runs from. Resolved:
+    ``data.datasets[*].path`` and ``image_root``, ``checkpoint.dir``, ``logging.metrics_file``,
+    ``router.labels_file``; ``data.tokenizer`` and ``model.pretrained`` only when they are local
+    paths (start with ``./``, ``../``, ``/`` or ``~``, or exist under ``base``), since otherwise
+    they are Hub ids. Keys in ``skip`` (set on the command line) and keys under them are left alone.
+    """
+    def keep(key: str) -> bool:
+        return any(key == s or key.startswith(s + ".") for s in skip)
+
+    def join(value: str) -> str:
+        path = Path(value).expanduser()
+        return path.as_posix() if path.is_absolute() else os.path.normpath(base / path)
+
+    if not keep("data.datasets"):
+        for spec in recipe.data.datasets:
+            spec.path = join(spec.path) if spec.path else spec.path
+            spec.image_root = join(spec.image_root) if spec.image_root else spec.image_root
+    for section, name in (("checkpoint", "dir"), ("logging", "metrics_file"), ("router", "labels_file")):
+        value = getattr(getattr(recipe, section), name)
+        if value and not keep(f"{section}.{name}"):
+            setattr(getattr(recipe, section), name, join(value))
+    if recipe.data.tokenizer and not keep("data.tokenizer") and _is_local(recipe.data.tokenizer, base):
+        recipe.data.tokenizer = join(recipe.data.tokenizer)
+    pretrained = recipe.model.pretrained
+    if isinstance(pretrained, str) and not keep("model.pretrained") and _is_local(pretrained, base):
+        recipe.model.pretrained = join(pretrained)
+    return recipe

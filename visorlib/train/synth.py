@@ -126,7 +126,14 @@ def make_synthetic_dataset(folder: str | Path, cfg: ModelConfig, samples: int = 
         samples: Pages to render.
         image_size: Page side in pixels (a tiny model's tiles are 30 px; real ones 384 px).
         seed: Everything is reproducible from it.
+
+    Raises:
+        ValueError: ``samples`` < 1 or ``image_size`` < 32 (nothing, or nothing legible, to write).
     """
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"synthetic dataset: samples must be an integer >= 1, got {samples!r}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32:
+        raise ValueError(f"synthetic dataset: image_size must be an integer >= 32 pixels, got {image_size!r}")
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)

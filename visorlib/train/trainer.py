@@ -16,6 +16,7 @@ the data order, the configuration and the learning rate are functions of the ste
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -37,10 +38,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .. import zoo
+from ..config import ConfigError
 from ..hub import atomic_write_json, write_checkpoint
 from ..models import family_of
-from .data import BatchPlan, ConversationDataset, collate
-from .recipe import Recipe
+from .data import BatchPlan, ConversationDataset, SkipMonitor, StepBatches, StepSampler, identity
+from .recipe import Recipe, recipe_differences
+from .runlock import RunDirError, RunLock, check_writable
+
+log = logging.getLogger("visorlib.train")
 
 
 @contextmanager
@@ -73,11 +78,15 @@ class Distributed:
             dist.barrier()
 
     def sum(self, value: float) -> float:
+        return self.sum_many([value])[0]
+
+    def sum_many(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks (one all-reduce for several numbers)."""
         if self.world == 1:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor)
-        return float(tensor)
+        return tensor.tolist()
 
 
 def configuration_for_step(plan, mode: str, fixed: list[int] | None, seed: int, step: int) -> list[int] | None:
@@ -156,17 +165,45 @@ def save_tokenizer(processor, folder: Path) -> None:
         processor.tokenizer.backend.save(str(folder / "tokenizer.json"))
 
 
+def _logged_step(line: str) -> float:
+    """The step of a metrics line (infinite for a broken line, so it is dropped)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class Trainer:
     """Runs a :class:`Recipe`.
 
     Args:
         recipe: The parsed recipe.
         resume: Continue from the latest complete checkpoint in ``checkpoint.dir`` if there is one.
+        allow_recipe_change: On resume, accept a recipe that differs from the checkpoint's in more
+            than the fields of :data:`~visorlib.train.recipe.RESUMABLE_CHANGES` (the differences are
+            logged instead of raised).
+
+    Raises:
+        RunDirError: ``checkpoint.dir`` (or the metrics file's folder) is not writable, or another
+            training holds its lock — before the model is built.
+        ConfigError: ``resume`` and the recipe differs from the checkpoint's (see above).
     """
 
-    def __init__(self, recipe: Recipe, resume: bool = False):
+    def __init__(self, recipe: Recipe, resume: bool = False, allow_recipe_change: bool = False):
+        recipe.validate()  # recipes built in Python get the checks load_recipe applies
         self.recipe, self.dist = recipe, Distributed()
         train = recipe.training
+        if train.threads is not None:
+            torch.set_num_threads(train.threads)
+        self.ckpt_dir = Path(recipe.checkpoint.dir)
+        self.lock = RunLock(self.ckpt_dir, owner=f"recipe {recipe.source}")
+        self._holding = False
+        if self.dist.main:
+            check_writable(self.ckpt_dir, "checkpoint.dir", recipe.source)
+            if recipe.logging.metrics_file:
+                check_writable(Path(recipe.logging.metrics_file).parent, "logging.metrics_file's folder", recipe.source)
+        with self._locked():  # refused now, before minutes of model building, if another run holds the folder
+            pass
         self.model = build_model(recipe, self.dist.device)
         trainable = trainable_names(self.model, train.stage, train.freeze_vision_tower)
         for name, param in self.model.named_parameters():
@@ -186,19 +223,30 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, opt.warmup_steps, train.max_steps, opt.min_lr_ratio)
         )
         self.processor = training_processor(self.model, recipe)
-        self.datasets = [ConversationDataset(spec, self.processor, recipe.data.max_length, recipe.data.on_error)
-                         for spec in recipe.data.datasets]
+        data = recipe.data
+        # Without a ceiling on the share of broken rows (max_skip_fraction 1) a walk may cross the whole file.
+        consecutive = data.skip_check_after if data.max_skip_fraction < 1 else None
+        self.datasets = [ConversationDataset(spec, self.processor, data.max_length, data.on_error,
+                                             allow_outside_image_root=data.allow_outside_image_root,
+                                             max_pixels=data.max_pixels, max_consecutive_errors=consecutive)
+                         for spec in data.datasets]
         if not self.datasets:
             raise ValueError(f"{recipe.source}: data.datasets is empty")
-        self.plan = BatchPlan(self.datasets, [d.weight for d in recipe.data.datasets], train.global_batch_size,
-                              train.seed, recipe.data.group_by_length)
-        if train.global_batch_size % (self.dist.world * recipe.data.micro_batch_size):
+        self.plan = BatchPlan(self.datasets, [d.weight for d in data.datasets], train.global_batch_size,
+                              train.seed, data.group_by_length)
+        if train.global_batch_size % (self.dist.world * data.micro_batch_size):
             raise ValueError(f"{recipe.source}: global_batch_size {train.global_batch_size} is not divisible by "
-                             f"world size {self.dist.world} x micro_batch_size {recipe.data.micro_batch_size}")
+                             f"world size {self.dist.world} x micro_batch_size {data.micro_batch_size}")
+        pad = self.processor.tokenizer.pad_token_id if self.processor.tokenizer.pad_token_id is not None else 0
+        self.step_batches = StepBatches(self.datasets, self.plan, self.dist.rank, self.dist.world,
+                                        data.micro_batch_size, pad)
+        self.skips = SkipMonitor(self.datasets, data.max_skip_fraction, data.skip_check_after)
         self.step = 0
-        self.ckpt_dir = Path(recipe.checkpoint.dir)
         if resume:
-            self.resume()
+            self.resume(allow_recipe_change=allow_recipe_change)
+        elif self.dist.main and (previous := self.latest_checkpoint()) is not None:
+            log.warning("starting from step 0 in %s, which holds checkpoints up to %s of an earlier run: they will "
+                        "be overwritten (use --resume to continue that run instead)", self.ckpt_dir, previous.name)
 
     def _shard(self) -> None:
         from torch.distributed.fsdp import fully_shard
@@ -207,19 +255,64 @@ class Trainer:
             fully_shard(module)
         fully_shard(self.model)
 
+    @contextmanager
+    def _locked(self):
+        """Hold the run-folder lock (rank 0 takes it; every rank learns whether that worked).
+
+        Re-entrant (a save inside :meth:`train`); ``_holding`` is tracked on every rank, not only
+        the one holding the file lock, so all ranks take the same path through the collective.
+        """
+        if self._holding:
+            yield
+            return
+        error = None
+        if self.dist.main:
+            try:
+                self.lock.acquire()
+            except RunDirError as err:
+                error = err
+        if self.dist.sum(1.0 if error else 0.0):
+            raise error or RunDirError(f"rank 0 could not lock checkpoint.dir {self.ckpt_dir}")
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+            self.lock.release()
+
+    # ------------------------------------------------------------------ data
+    def data_loader(self, start: int, stop: int) -> torch.utils.data.DataLoader:
+        """Micro-batches of steps ``start .. stop - 1`` in training order, prepared by ``data.num_workers``
+        worker processes ahead of the step that needs them."""
+        data = self.recipe.data
+        kwargs: dict[str, Any] = {}
+        if data.num_workers:
+            kwargs["prefetch_factor"] = data.prefetch_factor or 2
+        return torch.utils.data.DataLoader(
+            self.step_batches, batch_size=None, collate_fn=identity, num_workers=data.num_workers,
+            sampler=StepSampler(start, stop, self.step_batches.micro_batches_per_step()),
+            pin_memory=data.pin_memory and self.dist.device.type == "cuda", **kwargs)
+
+    def _step_items(self) -> list[dict[str, Any]]:
+        return [self.step_batches[(self.step, k)] for k in range(self.step_batches.micro_batches_per_step())]
+
     # ------------------------------------------------------------------ training
-    def train_step(self) -> dict[str, Any]:
-        """One optimiser step over the global batch; returns its metrics."""
+    def train_step(self, items: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """One optimiser step over the global batch; returns its metrics.
+
+        Args:
+            items: This step's micro-batches from :meth:`data_loader` (default: built here).
+        """
         recipe, model = self.recipe, self.model
         started = time.perf_counter()
-        refs = self.plan.global_batch(self.step)
-        per_rank = len(refs) // self.dist.world
-        mine = refs[self.dist.rank * per_rank:(self.dist.rank + 1) * per_rank]
-        micro = recipe.data.micro_batch_size
+        items = items if items is not None else self._step_items()
+        if any(item["step"] != self.step for item in items):
+            raise RuntimeError(f"the data loader is out of step with training (step {self.step})")
+        read, skipped = self.skips.record(items)
+        self.skips.check(*self.dist.sum_many([float(read), float(skipped)]))
         config = configuration_for_step(getattr(model, "plan", None), recipe.training.mode,
                                         recipe.training.configuration, recipe.training.seed, self.step)
-        pad = self.processor.tokenizer.pad_token_id if self.processor.tokenizer.pad_token_id is not None else 0
-        batches = [collate([self.datasets[d][i] for d, i in mine[k:k + micro]], pad) for k in range(0, len(mine), micro)]
+        batches = [item["batch"] for item in items]
         for batch in batches:
             batch["labels"] = model.supervised_labels(batch["input_ids"], batch["labels"])
         tokens = self.dist.sum(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)))
@@ -229,7 +322,7 @@ class Trainer:
         loss_sum = 0.0
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=recipe.training.bf16 and self.dist.device.type == "cuda")
         for index, batch in enumerate(batches):
-            batch = {k: v.to(self.dist.device) for k, v in batch.items()}
+            batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
             labels = batch.pop("labels")
             if self.dist.world > 1:
                 model.set_requires_gradient_sync(index == len(batches) - 1)
@@ -241,8 +334,9 @@ class Trainer:
             # over every supervised token of the global batch, as one process would compute it.
             (summed * self.dist.world / tokens).backward()
             loss_sum += float(summed.detach())
+        # grad_clip null or 0: no clipping (an infinite norm scales by 1.0, exactly), the norm is still reported.
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                   recipe.optim.grad_clip)
+                                                   recipe.optim.grad_clip or math.inf)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         lr = self.scheduler.get_last_lr()[0]  # the rate this step trained with
@@ -256,22 +350,37 @@ class Trainer:
                 "tokens_per_s": tokens / elapsed, "seconds": elapsed}
 
     def train(self, max_steps: int | None = None) -> list[dict[str, Any]]:
-        """Train until ``max_steps`` (default: the recipe's), checkpointing on the way."""
+        """Train until ``max_steps`` (default: the recipe's), checkpointing on the way.
+
+        The run folder is locked for the whole loop; batches come from :meth:`data_loader`.
+        """
         total = max_steps if max_steps is not None else self.recipe.training.max_steps
         logs = []
         progress = None
-        if self.dist.main and self.recipe.logging.progress:
-            from tqdm import tqdm
+        with self._locked():
+            # The metrics file holds each step once: lines beyond the step training starts from
+            # (a killed run's, or an earlier run's in the same folder) are dropped, not duplicated.
+            self._forget_metrics_after(self.step)
+            if self.dist.main and self.recipe.logging.progress:
+                from tqdm import tqdm
 
-            progress = tqdm(total=total, initial=self.step, desc="train", dynamic_ncols=True)
-        while self.step < total:
-            metrics = self.train_step()
-            logs.append(metrics)
-            self._log(metrics, progress)
-            if self.step % self.recipe.checkpoint.every_steps == 0 or self.step == total:
-                self.save_checkpoint()
-        if progress is not None:
-            progress.close()
+                progress = tqdm(total=total, initial=self.step, desc="train", dynamic_ncols=True)
+            try:
+                per_step = self.step_batches.micro_batches_per_step()
+                items: list[dict[str, Any]] = []
+                for item in self.data_loader(self.step, total) if self.step < total else []:
+                    items.append(item)
+                    if len(items) < per_step:
+                        continue
+                    metrics = self.train_step(items)
+                    items = []
+                    logs.append(metrics)
+                    self._log(metrics, progress)
+                    if self.step % self.recipe.checkpoint.every_steps == 0 or self.step == total:
+                        self.save_checkpoint()
+            finally:
+                if progress is not None:
+                    progress.close()
         return logs
 
     def _log(self, metrics: dict[str, Any], progress) -> None:
@@ -286,34 +395,53 @@ class Trainer:
             with open(path, "a") as handle:
                 handle.write(json.dumps(metrics) + "\n")
 
+    def _forget_metrics_after(self, step: int) -> None:
+        """Drop metrics lines of steps after ``step``: a resumed run logs them again (a half-written
+        last line of a killed run goes too)."""
+        path = self.recipe.logging.metrics_file
+        if not (self.dist.main and path and Path(path).exists()):
+            return
+        lines = Path(path).read_text().splitlines()
+        kept = [line for line in lines if _logged_step(line) <= step]
+        if len(kept) < len(lines):
+            tmp = Path(path).with_name(Path(path).name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+
     # --------------------------------------------------------------- checkpoints
     def _state(self) -> dict[str, Any]:
         return {"model": get_model_state_dict(self.model),
                 "optim": get_optimizer_state_dict(self.model, self.optimizer)}
 
     def save_checkpoint(self) -> Path:
-        """Write ``step_XXXXXXXX`` atomically (temporary folder, then rename) and point ``latest`` at it."""
+        """Write ``step_XXXXXXXX`` atomically (temporary folder, then rename) and point ``latest`` at it.
+
+        The DCP shards (with their ``.metadata``), the ``model/`` export and, last, ``trainer.json``
+        come from the same in-memory state, under the run-folder lock; only a folder with both
+        ``trainer.json`` and ``.metadata`` counts as a checkpoint.
+        """
         final = self.ckpt_dir / f"step_{self.step:08d}"
         tmp = self.ckpt_dir / f".tmp_step_{self.step:08d}"
-        if self.dist.main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.dist.barrier()
-        with _quiet_single_process():
-            dcp.save(self._state(), checkpoint_id=str(tmp))
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.dist.main:
-            atomic_write_json(tmp / "trainer.json", {"step": self.step, "scheduler": self.scheduler.state_dict(),
-                                                     "recipe": self.recipe.source})
-            if self.recipe.checkpoint.export_safetensors:
-                write_checkpoint(full, self.model.cfg, tmp / "model")
-                save_tokenizer(self.processor, tmp / "model")
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            (self.ckpt_dir / "latest.tmp").write_text(final.name)
-            os.replace(self.ckpt_dir / "latest.tmp", self.ckpt_dir / "latest")
-            self._prune()
-        self.dist.barrier()
+        with self._locked():
+            if self.dist.main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            self.dist.barrier()
+            with _quiet_single_process():
+                dcp.save(self._state(), checkpoint_id=str(tmp))
+            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.dist.main:
+                if self.recipe.checkpoint.export_safetensors:
+                    write_checkpoint(full, self.model.cfg, tmp / "model")
+                    save_tokenizer(self.processor, tmp / "model")
+                atomic_write_json(tmp / "trainer.json", {"step": self.step, "scheduler": self.scheduler.state_dict(),
+                                                         "source": self.recipe.source, "recipe": self.recipe.to_dict()})
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+                (self.ckpt_dir / "latest.tmp").write_text(final.name)
+                os.replace(self.ckpt_dir / "latest.tmp", self.ckpt_dir / "latest")
+                self._prune()
+            self.dist.barrier()
         return final
 
     def _prune(self) -> None:
@@ -321,32 +449,57 @@ class Trainer:
         for old in done[: max(0, len(done) - self.recipe.checkpoint.keep)]:
             shutil.rmtree(old, ignore_errors=True)
 
+    @staticmethod
+    def is_complete(folder: Path) -> bool:
+        """Both the trainer state and the DCP metadata (written last by ``dcp.save``) are there."""
+        return (folder / "trainer.json").is_file() and (folder / ".metadata").is_file()
+
     def latest_checkpoint(self) -> Path | None:
         """The newest complete checkpoint folder (half-written ``.tmp_*`` folders never count)."""
         pointer = self.ckpt_dir / "latest"
         if pointer.exists():
             candidate = self.ckpt_dir / pointer.read_text().strip()
-            if (candidate / "trainer.json").exists():
+            if self.is_complete(candidate):
                 return candidate
-        done = sorted(p for p in self.ckpt_dir.glob("step_*") if (p / "trainer.json").exists())
+        done = sorted(p for p in self.ckpt_dir.glob("step_*") if self.is_complete(p))
         return done[-1] if done else None
 
-    def resume(self, path: Path | None = None) -> int:
-        """Load the latest (or given) checkpoint; returns the step training continues from."""
+    def resume(self, path: Path | None = None, allow_recipe_change: bool = False) -> int:
+        """Load the latest (or given) checkpoint; returns the step training continues from.
+
+        Raises:
+            ConfigError: The recipe differs from the checkpoint's beyond the fields that may change,
+                unless ``allow_recipe_change``.
+        """
         path = path or self.latest_checkpoint()
         if path is None:
+            with self._locked():
+                self._forget_metrics_after(self.step)
             return self.step
+        meta = json.loads((path / "trainer.json").read_text())
+        saved = meta.get("recipe")
+        if isinstance(saved, dict):  # older checkpoints recorded only the recipe's path
+            now = json.loads(json.dumps(self.recipe.to_dict()))
+            changes = recipe_differences(saved, now)
+            if changes and not allow_recipe_change:
+                raise ConfigError(f"{self.recipe.source}: the recipe differs from the one {path} was trained with "
+                                  f"({'; '.join(changes)}); resume with the same recipe, or accept the change with "
+                                  "--allow-recipe-change (Trainer(..., allow_recipe_change=True))")
+            for change in changes:
+                log.warning("resuming with a changed recipe: %s", change)
         state = self._state()
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=str(path))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        meta = json.loads((path / "trainer.json").read_text())
         self.scheduler.load_state_dict(meta["scheduler"])
         self.step = int(meta["step"])
+        with self._locked():
+            self._forget_metrics_after(self.step)
         return self.step
 
     def close(self) -> None:
-        """Tear down the process group (torchrun runs)."""
+        """Release the run folder and tear down the process group (torchrun runs)."""
+        self.lock.release()
         if self.dist.world > 1 and dist.is_initialized():
             # Let every rank finish its last collectives first: tearing gloo down with work in
             # flight aborts the process ("terminate called without an active exception").

@@ -1,0 +1,171 @@
+"""The synthdoc task, the shipped CPU-trained models, ``visorlib demo`` and the synthdoc recipes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import visorlib
+from visorlib import zoo
+from visorlib.demo import HELD_OUT_SEED
+from visorlib.train import Trainer, load_recipe
+from visorlib.train.router import run_router_stage
+from visorlib.train.synthdoc import (
+    CATEGORIES,
+    FRAME,
+    INKS,
+    QUADRANTS,
+    held_out_questions,
+    make_synthdoc_dataset,
+    pages,
+    score_samples,
+    stamp_box,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted((ROOT / "recipes").glob("synthdoc-*.yaml"))
+TILE = visorlib.get_config("visor-synthdoc-tiny").vision.image_size
+
+# The shipped model's greedy answers to the first questions of the held-out pages: a regression
+# test of the weights and of the processor together (they are the true answers, too).
+EXPECTED_PAGES = 6
+
+
+def test_generator_is_deterministic_per_seed():
+    first = [(np.asarray(img), facts, qa) for img, facts, qa in pages(5, 4, TILE)]
+    again = [(np.asarray(img), facts, qa) for img, facts, qa in pages(5, 4, TILE)]
+    other = [np.asarray(img) for img, _, _ in pages(6, 4, TILE)]
+    for (a, fa, qa), (b, fb, qb) in zip(first, again, strict=True):
+        assert np.array_equal(a, b) and fa == fb and qa == qb
+    assert not all(np.array_equal(a, b) for (a, _, _), b in zip(first, other, strict=True))
+
+
+def test_every_stamp_lies_inside_one_tile_and_the_page_is_the_tile_grid():
+    for image, facts, _ in pages(3, 20, TILE):
+        assert image.size == (2 * TILE, 2 * TILE)
+        page = np.asarray(image)
+        ink = np.all(page == INKS[facts["ink"]], axis=-1)
+        inside = np.zeros_like(ink)
+        inside[:FRAME], inside[-FRAME:], inside[:, :FRAME], inside[:, -FRAME:] = True, True, True, True
+        for quadrant in range(len(QUADRANTS)):
+            x0, y0, x1, y1 = stamp_box(quadrant, TILE)
+            row, col = divmod(quadrant, 2)
+            assert col * TILE <= x0 < x1 <= (col + 1) * TILE and row * TILE <= y0 < y1 <= (row + 1) * TILE
+            assert x0 - col * TILE > FRAME and y0 - row * TILE > FRAME  # never touches the border
+            inside[y0:y1, x0:x1] = True
+        assert not (ink & ~inside).any(), "ink outside the stamps and the border"
+
+
+def test_processor_sees_the_page_as_2x2_tiles_without_resampling():
+    cfg = visorlib.get_config("visor-synthdoc-tiny")
+    image, _, _ = next(pages(0, 1, TILE))
+    processor = visorlib.models.family_of(cfg).processor(cfg, None)
+    out, counts, _ = processor.preprocess(None, [image], None)
+    tiles = out["pixel_values"][0]
+    assert tiles.shape[0] == 5  # the base tile (the glance) + the 2x2 grid
+    page = (np.asarray(image, dtype=np.float32) / 255 - 0.5) / 0.5
+    for index in range(4):
+        row, col = divmod(index, 2)
+        crop = page[row * TILE:(row + 1) * TILE, col * TILE:(col + 1) * TILE].transpose(2, 0, 1)
+        assert np.abs(tiles[1 + index].numpy() - crop).max() < 1e-5
+
+
+def test_dataset_files(tmp_path):
+    cfg = visorlib.get_config("visor-synthdoc-tiny")
+    make_synthdoc_dataset(tmp_path, cfg, pages_count=5, seed=1, eval_pages=3)
+    rows = [line for line in (tmp_path / "data.jsonl").read_text().splitlines() if line]
+    assert len(rows) == 5 and (tmp_path / "tokenizer.json").exists()
+    counts = {c: len((tmp_path / f"{c}.jsonl").read_text().splitlines()) for c in CATEGORIES}
+    assert counts == {"easy": 6, "hard": 3, "pair": 3}
+
+
+# -- the shipped models -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["synthdoc-tiny", "visor-synthdoc-tiny"])
+def test_shipped_checkpoint_loads_offline_and_matches_its_card(name):
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    model = visorlib.build(name, pretrained=True)
+    assert Path(model.checkpoint_dir).resolve() == (ROOT / "zoo" / "weights" / name).resolve()
+    card = zoo.instantiate(zoo.get_config(name), "meta")
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in card.parameters())
+    processor = visorlib.processor_for(model)
+    assert processor.tokenizer is not None
+    size = sum(f.stat().st_size for f in Path(model.checkpoint_dir).rglob("*.safetensors"))
+    assert size < 20 * 2**20
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    model = visorlib.build("visor-synthdoc-tiny", pretrained=True)
+    return model, visorlib.processor_for(model)
+
+
+def test_shipped_model_answers_held_out_questions_under_the_full_configuration(shipped):
+    model, processor = shipped
+    questions = held_out_questions(processor, HELD_OUT_SEED, EXPECTED_PAGES)
+    for category in CATEGORIES:
+        hits, configs = score_samples(model, questions[category], model.plan.default)
+        assert configs == [model.plan.default] * len(hits)
+        wrong = [(s["question"], s["answer"]) for s, ok in zip(questions[category], hits, strict=True) if not ok]
+        assert not wrong, f"{category}: wrong answers to {wrong}"
+
+
+def test_shipped_model_generates_the_answers(shipped):
+    from visorlib.demo import answer
+
+    model, processor = shipped
+    image, facts, _ = next(pages(HELD_OUT_SEED, 1, TILE))
+    reply, _ = answer(model, processor, image, "what colour is the background ?", model.plan.default)
+    assert reply == facts["background"]
+    reply, _ = answer(model, processor, image, "what pattern is at the bottom right ?", model.plan.default)
+    assert reply == facts["patterns"]["bottom right"]
+
+
+def test_demo_runs_offline():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "visorlib.cli", "demo", "--pages", "4", "--examples", "1"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "held-out accuracy" in done.stdout and "router choices" in done.stdout
+
+
+# -- the recipes ----------------------------------------------------------------------------------
+
+
+def test_the_chain_has_every_recipe():
+    assert {p.stem for p in RECIPES} == {"synthdoc-dense", "synthdoc-stage1", "synthdoc-stage2",
+                                          "synthdoc-independent-1", "synthdoc-independent-full", "synthdoc-router"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_synthdoc_recipe_runs_two_shrunk_steps(path, tmp_path):
+    assert path.read_text().startswith("# ") and "visorlib" in path.read_text().splitlines()[0]
+    recipe = load_recipe(path)
+    data = tmp_path / "data"
+    make_synthdoc_dataset(data, visorlib.get_config(recipe.model.name), pages_count=4, seed=1)
+    if recipe.training.stage == "router":
+        datasets = ", ".join(f"{{path: {data / c}.jsonl, name: {c}}}" for c in CATEGORIES)
+    else:
+        datasets = f"{{path: {data}, format: synthetic}}"
+    shrink = [
+        "model.pretrained=null", f"data.datasets=[{datasets}]", f"data.tokenizer={data}",
+        "data.micro_batch_size=2", "training.global_batch_size=2", "training.max_steps=2",
+        f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.every_steps=2", "logging.metrics_file=null",
+        "logging.progress=false", "router.samples_per_dataset=2", "router.steps=2",
+        f"router.labels_file={tmp_path / 'ckpt' / 'log.jsonl'}",
+    ]
+    recipe = load_recipe(path, shrink)
+    trainer = Trainer(recipe)
+    if recipe.training.stage == "router":
+        report = run_router_stage(recipe, trainer)
+        assert "router_accuracy" in report and (tmp_path / "ckpt" / "model" / "tokenizer.json").exists()
+    else:
+        logs = trainer.train()
+        assert len(logs) == 2 and all(log["loss"] > 0 for log in logs)
+        assert (tmp_path / "ckpt" / "step_00000002" / "model" / "visorlib.json").exists()

@@ -1,0 +1,66 @@
+"""The ``visorlib eval`` subcommand: its arguments and what it runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_eval_parser(sub) -> argparse.ArgumentParser:
+    """Register ``eval`` on the ``visorlib`` command's subparsers."""
+    from ..cli import positive_int  # visorlib.cli calls this while building its parser
+
+    p = sub.add_parser("eval", help="accuracy, FLOPs, KV bytes and time per configuration and for the router")
+    p.add_argument("model", help="zoo name (its Hub weights), checkpoint folder or Hub id")
+    p.add_argument("--data", action="append", required=True,
+                   help="file.json[l] (LLaVA format with 'answers'), a task (docvqa_val, chartqa, ...) or "
+                        "task=folder (a save_to_disk copy); repeat for several")
+    p.add_argument("--configs", default="default",
+                   help="'default', 'all', 'router', 'none' or layer lists like '1,4'; several separated by ';'")
+    p.add_argument("--limit", type=positive_int, help="first N samples of each dataset")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    p.add_argument("--mix-configs", action="store_true",
+                   help="mix configurations in one batch (faster; times become shares of mixed batches)")
+    p.add_argument("--metric", default="exact_match", help="metric of local rows without a 'metric' field")
+    p.add_argument("--image-root", help="folder local image paths are relative to (default: the file's folder)")
+    p.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="what a broken row does")
+    p.add_argument("--json", help="write the report here")
+    p.add_argument("--predictions", help="predictions JSONL (one line per sample x configuration; resumes)")
+    p.add_argument("--plot", help="save the accuracy-vs-FLOPs plot here (needs matplotlib)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
+    return p
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Run the evaluation and print the table."""
+    import logging
+
+    import torch
+
+    from ..cli import check_device, check_output_file
+    from .datasets import load_data
+    from .runner import evaluate
+
+    for flag, path in (("--json", args.json), ("--predictions", args.predictions), ("--plot", args.plot)):
+        check_output_file(path, flag)  # before the evaluation, not after it
+    check_device(args.device)
+    data = [load_data(spec, args.metric, args.image_root) for spec in args.data]  # before the model is loaded
+    logging.basicConfig(level=logging.WARNING, format="visorlib eval: %(message)s")
+    report = evaluate(args.model, data, configs=args.configs, limit=args.limit, batch_size=args.batch_size,
+                      predictions=args.predictions, max_new_tokens=args.max_new_tokens, on_error=args.on_error,
+                      mix_configs=args.mix_configs, metric=args.metric, image_root=args.image_root,
+                      device=args.device, dtype=getattr(torch, args.dtype), progress=not args.no_progress)
+    print(report.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        print(f"wrote {report.plot(args.plot)}", file=sys.stderr)

@@ -1,0 +1,412 @@
+"""The evaluation loop: every sample under every requested configuration, scored and costed.
+
+For each batch the prompts are encoded exactly as training encodes a user turn (the family's chat
+template, the routing marker when the model has a router) followed by the generation prompt, left
+padded, and generated greedily. Each (sample, configuration) pair becomes one predictions line:
+the answer, its score, the configuration that actually ran (the router's choice for ``router``),
+the sample's token counts, its analytic language-model FLOPs (prefill + every decode step of the
+answer it generated) and KV-cache bytes, and its share of the measured batch time. Lines are
+appended as batches finish, so a killed run started again with the same predictions file only
+generates what is missing, and the final table is the same.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..flops import decode_step_flops, flops, kv_bytes_per_token
+from ..processing.chat import IM_START
+from ..profiling import _sync
+from ..train.data import DataError, collate
+from .datasets import EvalDataset, EvalSample, load_data
+from .metrics import score
+from .report import EvalReport
+
+log = logging.getLogger("visorlib.eval")
+ROUTER = "router"
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One column of the evaluation: a label and what ``sa_layers`` to run it with."""
+
+    label: str
+    sa_layers: Any  # a list of layers, "all" (a dense model) or "router"
+
+
+def parse_configs(model, spec: str | Sequence[Any] | None) -> list[Configuration]:
+    """Configurations named by ``spec``.
+
+    ``"default"`` (the card's default configuration), ``"all"`` (every configuration of the plan,
+    then the router when there is one), ``"router"``, or layer lists such as ``"1,4"``; several
+    separated by ``;`` (``"router;1,4;1,4,7"``); ``none`` is the configuration that executes no
+    self-attention layer. A dense model has the single ``dense`` column.
+    """
+    plan = model.plan
+    items = spec if isinstance(spec, (list, tuple)) else str(spec or "default").split(";")
+    out: list[Configuration] = []
+    for item in items:
+        item = item.strip() if isinstance(item, str) else item
+        if item == "":
+            continue  # "1,4;" is one configuration, not an empty one too
+        if item in ("none", "[]"):
+            item = []  # the configuration that executes no self-attention layer (CA only)
+        if plan.dense:
+            if item not in ("default", "all", "dense"):
+                raise ValueError(f"--configs {item!r}: {model.cfg.name} is a dense model (only 'default'/'all')")
+            out.append(Configuration("dense", "all"))
+        elif item == "default":
+            out.append(Configuration(_label(plan.default), plan.default))
+        elif item == "all":
+            out += [Configuration(_label(c), c) for c in plan.configurations]
+            if model.router is not None:
+                out.append(Configuration(ROUTER, ROUTER))
+        elif item == ROUTER:
+            if model.router is None:
+                raise ValueError(f"--configs router: {model.cfg.name} has no router")
+            out.append(Configuration(ROUTER, ROUTER))
+        else:
+            layers = item if isinstance(item, (list, tuple)) else [p for p in item.strip("[] ").split(",") if p.strip()]
+            try:
+                config = plan.validate([int(p) for p in layers])
+            except ValueError as err:
+                raise ValueError(f"--configs {item!r}: {err}") from err
+            out.append(Configuration(_label(config), config))
+    unique = {c.label: c for c in out}  # a configuration named twice is evaluated once
+    return list(unique.values())
+
+
+def _label(config: Sequence[int]) -> str:
+    """``"1,4"``; ``"none"`` for the configuration without self-attention layers."""
+    return ",".join(str(i) for i in config) or "none"
+
+
+# -- encoding and generation (shared with the lmms-eval plugin) --------------------------------------
+
+
+def encode_prompt(processor, question: str, images: Sequence[Any]) -> dict[str, Any]:
+    """One user turn (LLaVA data style, ``<image>`` placeholders) + the generation prompt, unpadded."""
+    sample = processor.encode_turns([("user", question)], images)
+    sample.pop("labels")
+    head = torch.tensor(processor.tokenizer.encode(f"{IM_START}assistant\n"), dtype=torch.long)
+    sample["input_ids"] = torch.cat([sample["input_ids"], head])
+    return sample
+
+
+def left_padded_batch(encoded: list[dict[str, Any]], pad_id: int, device) -> dict[str, Any]:
+    """Collate like training (:func:`~visorlib.train.data.collate`), then move padding to the left."""
+    batch = collate([dict(s, labels=s["input_ids"]) for s in encoded], pad_id)
+    batch.pop("labels")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    for row in range(ids.shape[0]):
+        shift = int(ids.shape[1] - mask[row].sum())
+        ids[row], mask[row] = ids[row].roll(shift), mask[row].roll(shift)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@dataclass
+class Generated:
+    """What one row of a generated batch produced."""
+
+    text: str
+    tokens: int  # generated tokens, the end-of-sequence token included
+    sa_layers: list[int] | None  # the configuration that ran (None for a dense model)
+    n_visual: int
+    n_text: int
+    seconds: float  # the batch's generate() time divided by its size
+
+
+@torch.inference_mode()
+def generate_batch(model, processor, encoded: list[dict[str, Any]], sa_layers: Any, max_new_tokens: int,
+                   stop: Sequence[str] = ()) -> list[Generated]:
+    """Greedy answers for a batch of :func:`encode_prompt` outputs.
+
+    Args:
+        model: A visorlib model.
+        processor: Its processor (tokenizer included).
+        encoded: Unpadded prompts.
+        sa_layers: One configuration for all, one list per sample, ``"router"`` or ``"all"``.
+        max_new_tokens: Longest answer.
+        stop: Strings that end an answer (the text is cut before the first one).
+    """
+    pad = processor.tokenizer.pad_token_id
+    batch = left_padded_batch(encoded, model.cfg.tokens.pad_token_id if pad is None else pad,
+                              next(model.parameters()).device)
+    if sa_layers == ROUTER:
+        # generate() routes internally but does not return the choice: a forward pass over the
+        # same prompt reports it (ModelOutput.sa_layers); routing is deterministic, so it is the
+        # configuration generate() runs. That extra pass is not part of the measured time.
+        ran = model(**batch, sa_layers=ROUTER, logits_to_keep=1).sa_layers
+    elif model.plan.dense:
+        ran = [None] * len(encoded)
+    else:
+        ran = model.resolve_configurations(sa_layers, len(encoded))
+    device = batch["input_ids"].device
+    _sync(device)
+    started = time.perf_counter()
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, sa_layers=sa_layers)
+    _sync(device)
+    seconds = (time.perf_counter() - started) / len(encoded)
+    length = batch["input_ids"].shape[1]
+    eos = set(model.cfg.tokens.eos_token_ids)
+    visual = model.visual_token_mask(batch["input_ids"]) & batch["attention_mask"].bool()
+    results = []
+    for row in range(len(encoded)):
+        new = out[row, length:].tolist()
+        end = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
+        text = processor.decode(new[:end]).strip()
+        for marker in stop:
+            if marker and marker in text:
+                text = text[: text.index(marker)].strip()
+        n_visual = int(visual[row].sum())
+        n_text = int(batch["attention_mask"][row].sum()) - n_visual
+        results.append(Generated(text, end, None if ran[row] is None else list(ran[row]), n_visual, n_text, seconds))
+    return results
+
+
+def sample_cost(cfg, n_visual: int, n_text: int, sa_layers: Any, generated: int) -> dict[str, float]:
+    """Language-model FLOPs and KV bytes of answering one sample with ``generated`` tokens.
+
+    The prefill (its logits for the last position give the first token) plus one decode step for
+    each later token, each attending over everything before it. :mod:`visorlib.flops` has no
+    whole-generation function, so this sums its per-step :func:`~visorlib.flops.decode_step_flops`.
+    KV bytes (bf16) are those after the prefill plus one entry per layer for each decoded token.
+    """
+    config = "all" if sa_layers is None else sa_layers
+    prefill = flops(cfg, n_visual=n_visual, n_text=n_text, sa_layers=config)
+    decode = sum(decode_step_flops(cfg, n_visual, n_text + step, config) for step in range(generated - 1))
+    grown = max(generated - 1, 0) * cfg.decoder.num_layers * kv_bytes_per_token(cfg.decoder)
+    return {"prefill_flops": prefill.language_model, "flops": prefill.language_model + decode,
+            "kv_bytes": prefill.kv_cache_bytes + grown}
+
+
+# -- the run -----------------------------------------------------------------------------------------
+
+
+def _load_model(model_or_path, device, dtype):
+    if not isinstance(model_or_path, (str, Path)):
+        return model_or_path.eval()
+    from .. import zoo
+
+    name = str(model_or_path)
+    if name in zoo.list_models():
+        return zoo.build(name, pretrained=True, device=device, dtype=dtype)
+    return zoo.from_pretrained(name, device=device, dtype=dtype)
+
+
+def read_predictions(path: Path) -> list[dict[str, Any]]:
+    """Complete lines of a predictions file; a line cut short by a kill is dropped (and rewritten away)."""
+    if not path.exists():
+        return []
+    records, broken = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            broken += 1
+    if broken:
+        log.warning("%s: dropped %d incomplete line(s) left by an interrupted run", path, broken)
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def _datasets(data, metric: str, image_root: str | None) -> list[EvalDataset]:
+    items = data if isinstance(data, (list, tuple)) else [data]
+    return [d if isinstance(d, EvalDataset) else load_data(str(d), metric, image_root) for d in items]
+
+
+def _apply_policy(datasets: list[EvalDataset], on_error: str, skipped: list[dict]) -> None:
+    for dataset in datasets:
+        for index, message in dataset.problems:
+            if on_error == "fail":
+                raise DataError(message)
+            log.warning("skipping a broken sample: %s", message)
+            skipped.append({"dataset": dataset.name, "file": dataset.source, "index": index, "error": message})
+
+
+def evaluate(
+    model_or_path,
+    data,
+    configs: str | Sequence[Any] | None = "default",
+    limit: int | None = None,
+    batch_size: int = 8,
+    out_dir: str | Path | None = None,
+    predictions: str | Path | None = None,
+    max_new_tokens: int = 32,
+    on_error: str = "skip",
+    mix_configs: bool = False,
+    metric: str = "exact_match",
+    image_root: str | None = None,
+    processor=None,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> EvalReport:
+    """Evaluate a model on datasets under several configurations.
+
+    Args:
+        model_or_path: A built model, a zoo name (its Hub weights) or a checkpoint folder / Hub id.
+        data: One or several ``--data`` specs (``file.jsonl``, ``docvqa_val``, ``docvqa_val=folder``)
+            or :class:`~visorlib.eval.datasets.EvalDataset` s.
+        configs: See :func:`parse_configs`.
+        limit: Evaluate the first ``limit`` samples of each dataset.
+        batch_size: Prompts generated together (left padded).
+        out_dir: Write ``predictions.jsonl`` and ``report.json`` here (unless ``predictions`` is given).
+        predictions: The predictions JSONL; lines already in it are not generated again (resume).
+        max_new_tokens: Longest answer.
+        on_error: ``"skip"`` a broken row (listed in the report) or ``"fail"`` on it.
+        mix_configs: Put different configurations into one batch (one ``sa_layers`` list per
+            sample) instead of one configuration per batch. Faster; per-configuration times are
+            then shares of mixed batches.
+        metric: Metric of local rows that do not name one.
+        image_root: Folder local image paths are relative to.
+        processor: The model's processor (default: :func:`visorlib.processor_for`).
+        device: Device of a model loaded here.
+        dtype: Parameter dtype of a model loaded here.
+        progress: Show a progress bar (samples/s) on stderr.
+    """
+    if on_error not in ("skip", "fail"):
+        raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    datasets = _datasets(data, metric, image_root)  # data errors before the (slower) model load
+    names = [d.name for d in datasets]
+    if len(set(names)) < len(names):
+        raise ValueError(f"several datasets are named {sorted({n for n in names if names.count(n) > 1})}: samples "
+                         "are keyed by dataset name; rename a file or pass EvalDatasets with distinct names")
+    model = _load_model(model_or_path, device, dtype)
+    if processor is None:
+        from ..zoo import processor_for
+
+        processor = processor_for(model)
+    if processor.tokenizer is None:
+        raise ValueError("evaluation needs the model's tokenizer (tokenizer.json beside the checkpoint)")
+    columns = parse_configs(model, configs)
+    skipped: list[dict] = []
+    _apply_policy(datasets, on_error, skipped)
+    samples = [s for d in datasets for s in (d.samples[:limit] if limit else d.samples)]
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        predictions = predictions or Path(out_dir) / "predictions.jsonl"
+    path = Path(predictions) if predictions else None
+    records = read_predictions(path) if path else []
+    wanted = {(s.key, c.label) for s in samples for c in columns}
+    run = {"model": model.cfg.name, "max_new_tokens": max_new_tokens}
+    fresh = [r for r in records if all(r.get(k) == v for k, v in run.items())]
+    if len(fresh) < len(records):
+        # Lines of another model or answer length would silently mix into the table: regenerate them.
+        log.warning("%s: %d line(s) are from another model / max_new_tokens and are not reused", path,
+                    len(records) - len(fresh))
+    records = [r for r in fresh if (r["sample"], r["configuration"]) in wanted]
+    done = {(r["sample"], r["configuration"]) for r in records}
+    broken = {r["sample"] for r in skipped if "sample" in r}
+    todo = [(s, c) for s in samples for c in columns if (s.key, c.label) not in done]
+    if done:
+        log.info("resuming: %d of %d predictions already in %s", len(done), len(wanted), path)
+    bar = _progress(len(todo), progress)
+    handle = open(path, "a") if path else None
+    try:
+        for group in _chunks(_by_sample(todo), batch_size):
+            encoded = {}
+            for sample in {s.key: s for s, _ in group}.values():
+                prepared = _prepare(processor, sample, on_error, skipped)
+                if prepared is not None:
+                    encoded[sample.key] = prepared
+                else:
+                    broken.add(sample.key)
+            bar.update(sum(s.key not in encoded for s, _ in group))
+            group = [(s, c) for s, c in group if s.key in encoded]
+            for batch in _batches(group, batch_size, mix_configs):
+                new = _run_batch(model, processor, batch, encoded, max_new_tokens)
+                records += new
+                if handle:
+                    handle.write("".join(json.dumps(r) + "\n" for r in new))
+                    handle.flush()
+                bar.update(len(batch))
+    finally:
+        bar.close()
+        if handle:
+            handle.close()
+    records = [r for r in records if r["sample"] not in broken]
+    report = EvalReport.from_records(records, model.cfg.name, [c.label for c in columns], skipped)
+    if out_dir is not None:
+        report.save_json(Path(out_dir) / "report.json")
+    return report
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="sample", desc="eval", disable=not enabled, smoothing=0.1)
+
+
+def _by_sample(todo: list[tuple[EvalSample, Configuration]]) -> list[list[tuple[EvalSample, Configuration]]]:
+    groups: dict[str, list] = {}
+    for sample, config in todo:
+        groups.setdefault(sample.key, []).append((sample, config))
+    return list(groups.values())
+
+
+def _chunks(groups: list[list], samples_per_chunk: int) -> Iterable[list]:
+    """Work items of ``samples_per_chunk`` samples at a time (each sample is encoded once per chunk)."""
+    for start in range(0, len(groups), samples_per_chunk):
+        yield [item for group in groups[start:start + samples_per_chunk] for item in group]
+
+
+def _batches(group: list[tuple[EvalSample, Configuration]], size: int, mix: bool) -> Iterable[list]:
+    """Batches of one configuration each, or (``mix``) fixed configurations mixed; the router apart."""
+    routed = [item for item in group if item[1].sa_layers == ROUTER]
+    fixed = [item for item in group if item[1].sa_layers != ROUTER]
+    if mix:
+        lanes = [fixed, routed]
+    else:
+        labels = dict.fromkeys(c.label for _, c in fixed)
+        lanes = [[item for item in fixed if item[1].label == label] for label in labels] + [routed]
+    for lane in lanes:
+        for start in range(0, len(lane), size):
+            yield lane[start:start + size]
+
+
+def _prepare(processor, sample: EvalSample, on_error: str, skipped: list[dict]):
+    try:
+        return encode_prompt(processor, sample.question, sample.images())
+    except (DataError, ValueError) as err:
+        message = str(err) if str(err).startswith(sample.source) else f"{sample.source}[{sample.index}]: {err}"
+        if on_error == "fail":
+            raise DataError(message) from err
+        log.warning("skipping a broken sample: %s", message)
+        skipped.append({"dataset": sample.dataset, "file": sample.source, "index": sample.index, "error": message,
+                        "sample": sample.key})
+        return None
+
+
+def _run_batch(model, processor, batch, encoded, max_new_tokens) -> list[dict[str, Any]]:
+    configs = [c.sa_layers for _, c in batch]
+    if all(c == ROUTER for c in configs):
+        sa_layers = ROUTER
+    elif model.plan.dense:
+        sa_layers = "all"
+    else:
+        sa_layers = [list(c) for c in configs]
+    results = generate_batch(model, processor, [encoded[s.key] for s, _ in batch], sa_layers, max_new_tokens)
+    run = {"model": model.cfg.name, "max_new_tokens": max_new_tokens}
+    records = []
+    for (sample, config), result in zip(batch, results, strict=True):
+        cost = sample_cost(model.cfg, result.n_visual, result.n_text, result.sa_layers, result.tokens)
+        records.append({
+            **run, "sample": sample.key, "dataset": sample.dataset, "index": sample.index, "category": sample.category,
+            "configuration": config.label, "sa_layers": result.sa_layers, "prediction": result.text,
+            "answers": sample.answers, "metric": sample.metric,
+            "score": score(sample.metric, result.text, sample.answers, **sample.metric_options),
+            "n_visual": result.n_visual, "n_text": result.n_text, "generated_tokens": result.tokens,
+            **cost, "seconds": result.seconds,
+        })
+    return records
