@@ -42,6 +42,14 @@ def test_recipe_runs_two_steps_shrunk(path, tmp_path):
     if recipe.training.stage == "router":
         report = run_router_stage(recipe, trainer)
         assert "router_accuracy" in report
+        # Task accuracy of every fixed configuration (before and after) and of the router, held out.
+        plan = trainer.model.plan
+        labels = {",".join(map(str, c)) or "none" for c in plan.configurations}
+        (before,) = report["task_accuracy_before_router_training"].values()
+        after = {k: v for k, v in report["task_accuracy"].items() if k != "router_choices"}
+        assert set(before) == labels and set(next(iter(after.values()))) == labels | {"router"}
+        (choices,) = report["task_accuracy"]["router_choices"].values()
+        assert sum(choices.values()) >= 1 and set(choices) <= labels
     else:
         logs = trainer.train()
         assert len(logs) == 2 and all(log["loss"] > 0 for log in logs)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import warnings
@@ -25,14 +24,11 @@ import torch
 import yaml
 
 from . import zoo
+from .cli_args import UsageError, check_device, check_output_file, non_negative_int, positive_int
 from .flops import flops
 from .profiling import human
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class UsageError(ValueError):
-    """A command-line argument that cannot work (named in the message)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,57 +37,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         command = self.prog.removeprefix("visorlib").strip()
         self.exit(2, f"visorlib: error: {command + ': ' if command else ''}{message} (see '{self.prog} --help')\n")
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    return _int_at_least(text, 1)
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    return _int_at_least(text, 0)
-
-
-def _int_at_least(text: str, low: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be {'positive' if low == 1 else f'>= {low}'}, got {value}")
-    return value
-
-
-def check_output_file(path: str | None, flag: str) -> None:
-    """Refuse an output file that cannot be written, before any work is done.
-
-    Raises:
-        UsageError: ``path`` is a directory, or its folder is missing or not writable.
-    """
-    if path is None:
-        return
-    target = Path(path).expanduser()
-    folder = target.parent
-    if target.is_dir():
-        raise UsageError(f"{flag} {path}: is a directory; give a file name")
-    if not folder.is_dir():
-        raise UsageError(f"{flag} {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise UsageError(f"{flag} {path}: not writable")
-
-
-def check_device(name: str) -> torch.device:
-    """The ``--device`` value as a torch device, refused when this machine does not have it."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UsageError(f"--device {name!r}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name!r}: CUDA is not available on this machine (torch.cuda.is_available() is False)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {name!r}: MPS is not available on this machine")
-    return device
 
 
 def load_image(path: str):

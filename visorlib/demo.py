@@ -169,7 +169,7 @@ def add_demo_parser(sub) -> argparse.ArgumentParser:
 def _cmd_demo(args: argparse.Namespace) -> None:
     if args.examples < 0 or args.pages < 1 or args.threads < 1:
         raise ValueError("demo: --examples must be >= 0, --pages >= 1 and --threads >= 1")
-    from .cli import check_output_file
+    from .cli_args import check_output_file
 
     check_output_file(args.json, "--json")  # before the demo runs, not after it
     run_demo(args.model, args.examples, args.pages, args.seed, args.json, args.threads)

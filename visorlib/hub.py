@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -234,22 +236,14 @@ def _default_mode(path: str | os.PathLike) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON so that a crash leaves either the old file or the new one, never half of one."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        json.dump(data, tmp, indent=2)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    _default_mode(tmp.name)
-    os.replace(tmp.name, path)
-
-
-def atomic_save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """``safetensors.save_file`` to a temporary name, fsync, then rename over ``path``."""
+@contextmanager
+def _atomic_file(path: Path) -> Iterator[str]:
+    """A temporary name beside ``path`` to write to; on success it is fsynced, given the default
+    mode and renamed over ``path``, so a crash leaves either the old file or the new one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata=metadata)
+        yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         _default_mode(tmp)
@@ -260,18 +254,20 @@ def atomic_save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary name beside ``path``, fsync, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _default_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` over ``path`` atomically."""
+    with _atomic_file(path) as tmp:
+        Path(tmp).write_bytes(data)
+
+
+def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON over ``path`` atomically."""
+    atomic_write_bytes(path, json.dumps(data, indent=2).encode())
+
+
+def atomic_save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``safetensors.save_file`` over ``path`` atomically (streamed to disk: no second copy in memory)."""
+    with _atomic_file(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata=metadata)
 
 
 def write_checkpoint(
@@ -349,7 +345,7 @@ def render_model_card(model: nn.Module, repo_id: str | None, files: list[str]) -
 - decoder: {cfg.decoder.num_layers} layers, width {cfg.decoder.hidden_size}; vision tower: `{cfg.vision.kind}`
 - files: {", ".join(f"`{f}`" for f in files)}{plan}
 
-Load it with [visorlib](https://github.com/visorlib/visorlib):
+Load it with visorlib (`pip install visorlib`):
 
 ```python
 import visorlib

@@ -12,7 +12,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def add_eval_parser(sub) -> argparse.ArgumentParser:
     """Register ``eval`` on the ``visorlib`` command's subparsers."""
-    from ..cli import positive_int  # visorlib.cli calls this while building its parser
+    from ..cli_args import positive_int
 
     p = sub.add_parser("eval", help="accuracy, FLOPs, KV bytes and time per configuration and for the router")
     p.add_argument("model", help="zoo name (its Hub weights), checkpoint folder or Hub id")
@@ -45,7 +45,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     import torch
 
-    from ..cli import check_device, check_output_file
+    from ..cli_args import check_device, check_output_file
     from .datasets import load_data
     from .runner import evaluate
 

@@ -106,6 +106,43 @@ def select_labels(rows: list[dict[str, Any]], plan, mode: str = "dataset") -> di
     return {key: chosen[key[0]] for key in by_sample}
 
 
+def split_labels(labels: dict[tuple[str, int], list[int]], eval_fraction: float, seed: int = 0):
+    """``(held_out, training)`` lists of ``((dataset, index), label)``: a seeded shuffle, then a cut.
+
+    At least one sample is held out when ``eval_fraction > 0`` and one is left to train on.
+    """
+    items = sorted(labels.items())
+    random.Random(seed).shuffle(items)
+    held = min(len(items) - 1, max(1, int(len(items) * eval_fraction))) if eval_fraction > 0 and len(items) > 1 else 0
+    return items[:held], items[held:] or items
+
+
+@torch.no_grad()
+def held_out_task_accuracy(model, processor, datasets, held_out, configs, batch_size: int = 8) -> dict[str, Any]:
+    """Task accuracy (generated answers, :mod:`visorlib.eval`) of ``configs`` on the held-out samples.
+
+    Returns ``{dataset: {configuration: score in %}}`` plus, for the router, its choice counts
+    under ``"router_choices"``.
+    """
+    from ..eval.datasets import from_training_data
+    from ..eval.runner import evaluate
+
+    rows: dict[str, list[int]] = defaultdict(list)
+    for (name, i), _ in held_out:
+        rows[name].append(i)
+    data = [from_training_data(d, rows[d.name]) for d in datasets if rows.get(d.name)]
+    if not data:
+        return {}
+    report = evaluate(model, data, configs=configs, batch_size=batch_size, processor=processor, progress=False)
+    out: dict[str, Any] = {}
+    for row in report.rows:
+        if row.category == "all":
+            out.setdefault(row.dataset, {})[row.configuration] = row.score
+            if row.choices:
+                out.setdefault("router_choices", {})[row.dataset] = row.choices
+    return out
+
+
 def train_router(model, datasets, labels: dict[tuple[str, int], list[int]], pad_id: int, steps: int = 200,
                  lr: float = 1e-3, batch_size: int = 8, eval_fraction: float = 0.2, seed: int = 0) -> dict[str, Any]:
     """Fit the router on pseudo-labels; returns held-out accuracy and FLOP savings.
@@ -116,10 +153,7 @@ def train_router(model, datasets, labels: dict[tuple[str, int], list[int]], pad_
     if model.router is None:
         raise ValueError(f"{model.cfg.name} has no router to train")
     index = {name: i for i, name in enumerate(d.name for d in datasets)}
-    items = sorted(labels.items())
-    random.Random(seed).shuffle(items)
-    held = min(len(items) - 1, max(1, int(len(items) * eval_fraction))) if eval_fraction > 0 and len(items) > 1 else 0
-    evaluation, training = items[:held], items[held:] or items
+    evaluation, training = split_labels(labels, eval_fraction, seed)
     for name, param in model.named_parameters():
         param.requires_grad_(name.startswith("router."))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
@@ -209,8 +243,17 @@ def run_router_stage(recipe, trainer) -> dict[str, Any]:
         log_path.unlink(missing_ok=True)
         rows = log_configurations(model, datasets, refs, pad, log_path)
     labels = select_labels(rows, model.plan, spec.label_mode)
+    # Training the router also trains the routing-token embedding, which every later layer sees:
+    # the fixed configurations' task accuracy is measured on the held-out split before and after,
+    # next to the router's own, so the report shows both the router and the shift it caused.
+    held_out, _ = split_labels(labels, spec.eval_fraction, recipe.training.seed)
+    fixed = [list(c) for c in model.plan.configurations]
+    before = held_out_task_accuracy(model, trainer.processor, datasets, held_out, fixed, recipe.data.micro_batch_size)
     report = train_router(model, datasets, labels, pad, spec.steps, recipe.optim.lr, recipe.data.micro_batch_size,
                           spec.eval_fraction, recipe.training.seed)
+    report["task_accuracy_before_router_training"] = before
+    report["task_accuracy"] = held_out_task_accuracy(model, trainer.processor, datasets, held_out, [*fixed, "router"],
+                                                     recipe.data.micro_batch_size)
     model.save_pretrained(out_dir / "model")
     save_tokenizer(trainer.processor, out_dir / "model")
     (out_dir / "router-report.json").write_text(json.dumps(report, indent=2))
