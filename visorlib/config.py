@@ -371,6 +371,8 @@ class ModelConfig:
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """``yaml.safe_load`` a file that must hold a mapping; errors name the file."""
     path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: {'is a folder, not a YAML file' if path.is_dir() else 'no such file'}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:

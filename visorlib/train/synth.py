@@ -80,8 +80,6 @@ def write_tokenizer(folder: Path, cfg: ModelConfig) -> Path:
     """A word-level tokenizer over the task's vocabulary, with the card's special ids."""
     import re
 
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     from ..models import family_of
 
     processor = family_of(cfg).processor(cfg, None)
@@ -91,13 +89,33 @@ def write_tokenizer(folder: Path, cfg: ModelConfig) -> Path:
     markup = re.findall(r"<\|[a-z_]+\|>", processor.data_image + processor.data_video)
     eos = cfg.tokens.eos_token_ids[0]
     specials["<|im_end|>"] = eos
+    system = (processor.default_system or "").split()
+    words = ["<|im_start|>", *markup, "[UNK]", "user", "assistant", "system", *system, *QUESTION_WORDS, *COLOURS,
+             *NUMBER_WORDS, *WORDS]
+    return write_word_level_tokenizer(folder, cfg, specials, words, list(dict.fromkeys([*SPECIALS, *specials, *markup])))
+
+
+def write_word_level_tokenizer(folder: Path, cfg: ModelConfig, specials: dict[str, int], words: list[str],
+                               special_tokens: list[str]) -> Path:
+    """Write ``folder/tokenizer.json``: whitespace-split words, ``specials`` at the card's ids.
+
+    The synthetic tasks' tokenizers: every word gets the next id the card leaves free (its special
+    ids and the router's routing id are never reused), so the same card and word list always give
+    the same ids.
+
+    Args:
+        folder: Where ``tokenizer.json`` goes (created if missing).
+        cfg: The card the ids must agree with.
+        specials: ``{token: id}`` fixed by the card.
+        words: The rest of the vocabulary, in id order (duplicates and specials are skipped).
+        special_tokens: Tokens never split by the pre-tokenizer.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
     vocab = dict(specials)
     taken = set(vocab.values())
     if cfg.visor is not None:
         taken.add(cfg.visor.routing_token_id)
-    system = (processor.default_system or "").split()
-    words = ["<|im_start|>", *markup, "[UNK]", "user", "assistant", "system", *system, *QUESTION_WORDS, *COLOURS,
-             *NUMBER_WORDS, *WORDS]
     next_id = 0
     for word in words:
         if word in vocab:
@@ -107,10 +125,12 @@ def write_tokenizer(folder: Path, cfg: ModelConfig) -> Path:
         vocab[word] = next_id
         taken.add(next_id)
     if max(vocab.values()) >= cfg.decoder.vocab_size:
-        raise ValueError(f"the synthetic vocabulary needs {max(vocab.values()) + 1} ids; {cfg.name} has {cfg.decoder.vocab_size}")
+        raise ValueError(f"the task's vocabulary needs {max(vocab.values()) + 1} token ids; {cfg.name} has "
+                         f"{cfg.decoder.vocab_size}")
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.add_special_tokens(list(dict.fromkeys([*SPECIALS, *specials, *markup])))
+    tokenizer.add_special_tokens(special_tokens)
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "tokenizer.json"
     tokenizer.save(str(path))
     return path

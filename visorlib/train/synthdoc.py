@@ -156,36 +156,13 @@ def vocabulary() -> list[str]:
 
 
 def write_tokenizer(folder: Path, cfg: ModelConfig) -> Path:
-    """A word-level ``tokenizer.json`` over the task's words with the card's special ids.
-
-    Same construction as :func:`visorlib.train.synth.write_tokenizer` (special ids from the card,
-    the routing id left free), over this task's vocabulary.
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A word-level ``tokenizer.json`` over the task's words with the card's special ids."""
+    from .synth import write_word_level_tokenizer
 
     specials = {"<|endoftext|>": cfg.tokens.pad_token_id, "<image>": cfg.tokens.image_token_id,
                 "<video>": cfg.tokens.video_token_id, "<|im_end|>": cfg.tokens.eos_token_ids[0]}
-    vocab = dict(specials)
-    taken = set(vocab.values())
-    if cfg.visor is not None:
-        taken.add(cfg.visor.routing_token_id)
-    next_id = 0
-    for word in ["<|im_start|>", "[UNK]", "user", "assistant", "system", *vocabulary()]:
-        if word in vocab:
-            continue
-        while next_id in taken:
-            next_id += 1
-        vocab[word] = next_id
-        taken.add(next_id)
-    if max(vocab.values()) >= cfg.decoder.vocab_size:
-        raise ValueError(f"synthdoc needs {max(vocab.values()) + 1} token ids; {cfg.name} has {cfg.decoder.vocab_size}")
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.add_special_tokens(SPECIALS)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "tokenizer.json"
-    tokenizer.save(str(path))
-    return path
+    words = ["<|im_start|>", "[UNK]", "user", "assistant", "system", *vocabulary()]
+    return write_word_level_tokenizer(folder, cfg, specials, words, SPECIALS)
 
 
 def make_synthdoc_dataset(folder: str | Path, cfg: ModelConfig, pages_count: int = 2000, seed: int = 0,
