@@ -141,6 +141,7 @@ if ("data", "synthdoc") in COMMANDS:
     CASES += [
         ("synthdoc-negative", ["data", "synthdoc", "{root}/out", "--pages", "-3"], ["--pages", "-3"]),
         ("synthdoc-share", ["data", "synthdoc", "{root}/out", "--same-share", "2"], ["--same-share", "2"]),
+        ("synthdoc-eval-pages", ["data", "synthdoc", "{root}/out", "--eval-pages", "-1"], ["--eval-pages", "-1"]),
     ]
 if ("demo",) in COMMANDS:
     CASES += [

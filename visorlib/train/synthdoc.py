@@ -294,6 +294,8 @@ def _cmd_data(args) -> None:
 
     if args.pages < 1:
         raise ValueError(f"data synthdoc: --pages must be >= 1, got {args.pages}")
+    if args.eval_pages is not None and not 0 <= args.eval_pages <= args.pages:
+        raise ValueError(f"data synthdoc: --eval-pages must be in [0, --pages={args.pages}], got {args.eval_pages}")
     if not 0 <= args.same_share <= 1:
         raise ValueError(f"data synthdoc: --same-share must be in [0, 1], got {args.same_share}")
     out = Path(args.out)
