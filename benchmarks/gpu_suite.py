@@ -2,7 +2,7 @@
 
 One command, no network: builds LLaVA-OneVision 0.5B at real size with random weights in
 transformers (``LlavaOnevisionForConditionalGeneration``), converts those weights with visorlib's
-own converter (:mod:`visorlib.convert`) into visorlib's dense model and into the VISOR model
+own converter (:mod:`visorlib.models.llava_onevision.convert`) into visorlib's dense model and into the VISOR model
 (:func:`visorlib.visorize`, the plan of ``zoo/visor-llava-ov-0.5b.yaml``), then measures:
 
 1. correctness: fp32 and ``--dtype`` logits of visorlib vs transformers on the same inputs (max
@@ -363,7 +363,7 @@ def main(argv=None) -> int:
 def build_section(ctx) -> dict:
     with_hf = transformers_available() and not ctx["args"].no_transformers
     ctx["hf"], ctx["dense"], ctx["visor"] = build_models(ctx["args"].smoke, ctx["device"], with_transformers=with_hf)
-    weights = ("random (transformers init), converted by visorlib.convert.convert_llava_onevision_state" if with_hf
+    weights = ("random (transformers init), converted by visorlib.models.llava_onevision.convert.convert_llava_onevision_state" if with_hf
                else "random (visorlib init); " + NO_TRANSFORMERS)
     return {"seconds": ctx["budget"].elapsed(), "card": VISOR_CARD + (" (tiny)" if ctx["args"].smoke else ""),
             "parameters": {k: parameter_count(ctx[k]) for k in ("hf", "dense", "visor") if ctx[k] is not None},

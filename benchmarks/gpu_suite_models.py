@@ -1,7 +1,7 @@
 """Models, inputs and correctness checks of the GPU suite (``gpu_suite.py``).
 
 The transformers reference and both visorlib models share one set of random weights:
-transformers initialises them, and visorlib's own converter (:mod:`visorlib.convert`, the one
+transformers initialises them, and visorlib's own converter (:mod:`visorlib.models.llava_onevision.convert`, the one
 ``visorlib.from_pretrained`` runs on Hugging Face checkpoints) maps them to visorlib's names.
 """
 
@@ -19,9 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_suite_rows as rows  # noqa: E402 - the benchmark folder is not a package
 
 import visorlib  # noqa: E402
-from visorlib.convert import config_from_hf, convert_llava_onevision_state  # noqa: E402
 from visorlib.hub import load_state_into  # noqa: E402
-from visorlib.processing import LlavaOnevisionProcessor, anyres  # noqa: E402
+from visorlib.models.llava_onevision import LlavaOnevisionProcessor  # noqa: E402
+from visorlib.models.llava_onevision.convert import config_from_hf, convert_llava_onevision_state  # noqa: E402
+from visorlib.processing import anyres  # noqa: E402
 
 VISOR_CARD = "visor-llava-ov-0.5b"
 # The three configurations the issue names (paper appendix A; all in the card's list of 13).
@@ -67,7 +68,7 @@ def check_config_round_trip(hf_config, cfg) -> None:
     if back.processing.pinpoints(cfg.vision.image_size) != cfg.processing.pinpoints(cfg.vision.image_size):
         problems.append("processing.grid_pinpoints")
     if problems:
-        raise RuntimeError(f"transformers config does not round-trip through visorlib.convert: {', '.join(problems)}")
+        raise RuntimeError(f"transformers config does not round-trip through visorlib.models.llava_onevision.convert: {', '.join(problems)}")
 
 
 def transformers_available() -> bool:
@@ -245,7 +246,7 @@ def flash_agreement(hf, dense, inputs: dict) -> dict:
     visorlib uses flash-attn only where no explicit mask is needed and falls back to SDPA
     elsewhere, so the number of kernel calls says which path the comparison exercised.
     """
-    import visorlib.layers as layers
+    import visorlib.modules.layers as layers
 
     kernel, calls = layers._flash_attn_func, [0]
 

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 import visorlib
-from visorlib.blocks.plan import LayerPlan
-from visorlib.models.executor import PlanExecutor
 from visorlib.profiling import best_time
+from visorlib.visor.executor import PlanExecutor
+from visorlib.visor.plan import LayerPlan
 
 
 def main() -> None:

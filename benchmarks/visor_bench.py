@@ -25,7 +25,8 @@ import time
 import torch
 
 import visorlib
-from visorlib.processing import LlavaOnevisionProcessor, anyres
+from visorlib.models.llava_onevision import LlavaOnevisionProcessor
+from visorlib.processing import anyres
 from visorlib.profiling import best_time
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -79,7 +80,8 @@ def cache_bytes(model, inputs, sa_layers):
 def language_model_forward(model, parts, rows, configs):
     """Decoder + last-position logits for ``rows`` of pre-embedded inputs (vision excluded)."""
     embeds, positions, mask, visual, segments, routing = (t[rows] for t in parts)
-    hidden, _, _ = model.run_decoder(embeds, positions, mask, visual, segments, routing, configs)
+    lm = model.language_model
+    hidden, _ = lm.forward(embeds, positions, mask, visual, segments, routing, lm.request(configs, embeds.shape[0]))
     return model.decoder.logits(hidden[:, -1:])
 
 

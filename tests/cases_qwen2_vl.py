@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from hf_oracle import left_pad
 
-from visorlib.processing import Qwen2VLProcessor
+from visorlib.models.qwen2_vl import Qwen2VLProcessor
 
 
 class Qwen2VLCase:

@@ -17,11 +17,13 @@ from PIL import Image
 from visor_helpers import batch, sample, tiny_cfg
 
 import visorlib
-from visorlib.blocks.plan import validate_sa_layers
 from visorlib.config import ConfigError
-from visorlib.processing import LlavaOnevisionProcessor, Qwen2VLProcessor, anyres, preprocess_images
+from visorlib.models.llava_onevision import LlavaOnevisionProcessor
+from visorlib.models.qwen2_vl import Qwen2VLProcessor
+from visorlib.processing import anyres, preprocess_images
 from visorlib.processing.image import to_chw_tensor
 from visorlib.validation import InputError, check_media_per_sample
+from visorlib.visor.plan import validate_sa_layers
 
 
 def _build(cfg, seed: int = 0):

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from visor_helpers import batch, build, sample, tiny_cfg
 
-from visorlib.blocks import ConvPositionalEmbedding, LayerPlan, TokenPacker, widen_projector
 from visorlib.config import ConfigError, VisorConfig
-from visorlib.processing import LlavaOnevisionProcessor
+from visorlib.models.llava_onevision import LlavaOnevisionProcessor
+from visorlib.visor import ConvPositionalEmbedding, LayerPlan, TokenPacker, widen_projector
 
 
 def test_conv_positional_embedding_never_crosses_images():

@@ -17,9 +17,9 @@ from hf_oracle import left_pad
 from PIL import Image
 
 import visorlib
-from visorlib.convert_fastvlm import convert_fastvlm_state, fastvlm_config_from_hf
 from visorlib.hub import load_state_into
-from visorlib.processing import LlavaOnevisionProcessor
+from visorlib.models.fast_vlm.convert import convert_fastvlm_state, fastvlm_config_from_hf
+from visorlib.models.llava_onevision import LlavaOnevisionProcessor
 
 TILE, IMAGE_TOKEN, VOCAB = 128, 250, 256
 TOKENS = (TILE // 64) ** 2  # FastViT downsamples 64x: 2 x 2 visual tokens per image

@@ -51,7 +51,7 @@ def test_real_size_numbers_are_plausible():
 def test_visor_flops_match_flop_counter(config, packing):
     from visor_helpers import build, tiny_cfg
 
-    from visorlib.processing import LlavaOnevisionProcessor
+    from visorlib.models.llava_onevision import LlavaOnevisionProcessor
 
     cfg = tiny_cfg(sa_layers=None) if config == "dense" else tiny_cfg(router=False, packing_ratio=packing)
     model = build(cfg)

@@ -15,7 +15,8 @@ from hf_oracle import left_pad, randomize_norms_and_biases
 from PIL import Image
 
 import visorlib
-from visorlib.processing import Qwen2VLProcessor, Tokenizer
+from visorlib.models.qwen2_vl import Qwen2VLProcessor
+from visorlib.processing import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -161,7 +162,7 @@ def test_transformers_in_memory_key_names_load(tmp_path):
 
 
 def test_hub_style_flat_config_is_read():
-    from visorlib.convert_qwen2_vl import config_from_hf
+    from visorlib.models.qwen2_vl.convert import config_from_hf
 
     # The layout of Qwen/Qwen2-VL-2B-Instruct's config.json (transformers 4.4x): language model
     # keys at the top level, M-RoPE in rope_scaling, the vision width under embed_dim.

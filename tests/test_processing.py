@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from visorlib.config import ImageProcessingConfig, ModelConfig, TokensConfig, VisionConfig
+from visorlib.models.llava_onevision import LlavaOnevisionProcessor
 from visorlib.processing import (
-    LlavaOnevisionProcessor,
     Tokenizer,
     anyres,
     apply_chat_template,

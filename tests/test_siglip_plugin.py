@@ -13,7 +13,8 @@ from PIL import Image
 
 import visorlib
 from visorlib.config import ConfigError, ModelConfig, VisionConfig
-from visorlib.processing import LlavaOnevisionProcessor
+from visorlib.models.llava_onevision import LlavaOnevisionProcessor
+from visorlib.registry import resolve, resolve_vision
 
 ARCH = "vit_base_patch16_siglip_384"
 
@@ -23,7 +24,9 @@ def plugin_config() -> ModelConfig:
     card = visorlib.get_config("llava-ov-0.5b").tiny().to_dict()
     card["vision"] = {"kind": "siglip", "timm_model": ARCH}
     card["processing"]["aspect_mode"] = "pad"  # one 384-px tile per image keeps the test quick
-    return ModelConfig.from_dict(card, "plugin card")
+    # Parsing is pure data; the build step (registry.resolve, which build/instantiate call) derives
+    # the tower fields from timm.
+    return resolve(ModelConfig.from_dict(card, "plugin card"))
 
 
 def test_fields_come_from_timm():
@@ -33,9 +36,9 @@ def test_fields_come_from_timm():
     # The explicit-fields path is untouched: defaults are SigLIP-so400m with tanh GELU.
     assert VisionConfig().hidden_act == "gelu_tanh" and VisionConfig().timm_model is None
     with pytest.raises(ConfigError, match="contradicts timm architecture"):
-        VisionConfig(timm_model=ARCH, hidden_size=1000)
+        resolve_vision(VisionConfig(timm_model=ARCH, hidden_size=1000))
     with pytest.raises(ConfigError, match="not a SigLIP-style ViT.*cls_token"):
-        VisionConfig(timm_model="vit_base_patch16_224")
+        resolve_vision(VisionConfig(timm_model="vit_base_patch16_224"))
 
 
 def test_plugged_tower_trains_and_equals_timm():

@@ -148,9 +148,9 @@ def test_bad_recipes_name_the_key(tmp_path, synth):
 
 
 def test_pseudo_labels_follow_the_paper_rules():
-    from visorlib.blocks import LayerPlan
     from visorlib.config import VisorConfig
     from visorlib.train.router import select_labels
+    from visorlib.visor import LayerPlan
 
     plan = LayerPlan(8, VisorConfig(sa_layers=[1, 3, 5], configurations=[[1], [1, 3], [1, 5], [1, 3, 5]]))
 

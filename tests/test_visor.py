@@ -57,9 +57,12 @@ def decoder_states(case, model, inputs, stop_after, sa_layers):
     ids = inputs["input_ids"]
     embeds, visual, segments, positions = case.embed(model, inputs)
     mask = torch.ones_like(ids)
-    with torch.no_grad():
-        hidden, _, _ = model.run_decoder(embeds, positions, mask, visual, segments, model.routing_mask(ids),
-                                         sa_layers, stop_after=stop_after)
+    lm = model.language_model
+    executor = lm.executor()
+    with torch.no_grad():  # the first ``stop_after + 1`` layers of the executor, then the merged states
+        state = executor.start(embeds, positions, mask, visual, segments)
+        executor.run_layers(state, lm.request(sa_layers, 1).mask(lm.plan.num_layers), range(stop_after + 1))
+        hidden = state.merged()
     return hidden, visual, embeds, positions
 
 
@@ -165,7 +168,7 @@ def test_router_decides_and_a_forced_configuration_overrides_it(case):
 
 
 def test_several_questions_take_the_costliest_prediction():
-    from visorlib.blocks import route_configs
+    from visorlib.visor import route_configs
 
     plan = build(tiny_cfg()).plan
     logits = torch.full((3, 4), -5.0)
@@ -252,7 +255,8 @@ def test_processor_places_a_routing_token_after_each_question(tmp_path):
     from PIL import Image
     from visor_helpers import ROUTING, word_tokenizer
 
-    from visorlib.processing import LlavaOnevisionProcessor, Tokenizer
+    from visorlib.models.llava_onevision import LlavaOnevisionProcessor
+    from visorlib.processing import Tokenizer
 
     model = build(tiny_cfg(), seed=3)
     word_tokenizer(tmp_path, model.cfg)

@@ -7,7 +7,7 @@ from cases_qwen2_vl import Qwen2VLCase
 from hf_oracle import left_pad
 
 import visorlib
-from visorlib.processing import LlavaOnevisionProcessor
+from visorlib.models.llava_onevision import LlavaOnevisionProcessor
 
 ROUTING = 252
 

@@ -12,8 +12,9 @@ from .config import ConfigError, ModelConfig
 from .flops import flops
 from .hub import CheckpointError
 from .models import InputError
-from .models.visor import visorize
-from .zoo import build, from_pretrained, get_config, list_models, processor_for
+from .models.llava_onevision import LlavaOnevisionProcessor
+from .models.qwen2_vl import Qwen2VLProcessor
+from .zoo import build, from_pretrained, get_config, list_models, processor_for, visorize
 
 __version__ = "0.1.0"
 
@@ -21,7 +22,9 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "InputError",
+    "LlavaOnevisionProcessor",
     "ModelConfig",
+    "Qwen2VLProcessor",
     "build",
     "flops",
     "from_pretrained",

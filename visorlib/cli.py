@@ -27,6 +27,7 @@ from . import zoo
 from .cli_args import UsageError, check_device, check_output_file, non_negative_int, positive_int
 from .flops import flops
 from .profiling import human
+from .registry import family_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,10 +83,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"{cfg.name}: {cfg.description}")
     print(f"  family          {cfg.family}")
     print(f"  hub id          {cfg.hub_id or '-'}")
-    if v.kind == "qwen2_vl":  # native resolution: no fixed tiles
-        geometry = f"any resolution, {v.patch_size}px patches merged {v.spatial_merge_size}x{v.spatial_merge_size}"
-    else:
-        geometry = f"{v.image_size}px tiles, {cfg.feature_grid_size ** 2} tokens/tile"
+    geometry = family_of(cfg).geometry(cfg)
     print(f"  vision tower    {v.kind}: {v.num_layers} layers, width {v.hidden_size}, {geometry}")
     print(f"  decoder         {d.kind}: {d.num_layers} layers, width {d.hidden_size}, heads {d.num_heads}/{d.num_kv_heads} kv, "
           f"vocab {d.vocab_size}, {'tied' if d.tie_word_embeddings else 'untied'} head")
@@ -107,7 +105,6 @@ def default_profile_image():
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
-    from .models import family_of
     from .profiling import format_table, plot_flops_vs_visual_tokens, profile_configurations
 
     check_output_file(args.json, "--json")

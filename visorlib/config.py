@@ -12,6 +12,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,12 @@ def check_divisible(section: str, obj: Any, name: str, by: str) -> None:
         )
 
 
+#: Test-size rules of families whose towers need other geometry than :meth:`ModelConfig.tiny`'s
+#: generic shrink: ``family name -> (cfg, overrides) -> overrides``. Filled by
+#: :func:`visorlib.registry.register_family`; this module stays a leaf that imports no family.
+TINY_RULES: dict[str, Callable[[Any, dict[str, Any]], dict[str, Any]]] = {}
+
+
 @dataclass
 class VisionConfig:
     """A ViT-style vision tower (SigLIP for LLaVA-OneVision, Qwen2-VL's own ViT).
@@ -68,7 +75,8 @@ class VisionConfig:
             set ``"quick_gelu"`` (CLIP's ``x * sigmoid(1.702 x)``).
         timm_model: A timm architecture (``"vit_base_patch16_siglip_384"``, ``"fastvit_mci3"``)
             whose hyper-parameters fill in the tower; None (default) builds the tower from the
-            fields above. When set, the fields the architecture determines are derived from it
+            fields above. When set, the build step (:func:`visorlib.registry.resolve`) derives the
+            fields the architecture determines
             (``siglip``: sizes, depth, heads, eps, activation; ``fastvit``: ``hidden_size``,
             ``patch_size`` = total downsampling, ``num_layers`` = blocks): a field left at its
             default is replaced, one set to a different value is a ``ConfigError``.
@@ -92,34 +100,15 @@ class VisionConfig:
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.timm_model is None:
-            if self.timm_kwargs:
-                raise ConfigError("vision.timm_kwargs is only used together with vision.timm_model")
-        else:
-            self._derive_from_timm()
+        if self.timm_model is None and self.timm_kwargs:
+            raise ConfigError("vision.timm_kwargs is only used together with vision.timm_model")
         check_positive("vision", self, ("image_size", "patch_size", "hidden_size", "intermediate_size", "num_layers",
                                         "num_heads", "layer_norm_eps", "temporal_patch_size", "spatial_merge_size",
                                         "in_channels"))
         if self.image_size < self.patch_size:
             raise ConfigError(f"vision.image_size={self.image_size} must be at least vision.patch_size={self.patch_size}")
-        if self.kind != "fastvit":  # FastViT's attention widths live inside timm's architecture
+        if self.timm_model is None:  # a timm architecture's attention widths are timm's business
             check_divisible("vision", self, "hidden_size", "num_heads")
-
-    def _derive_from_timm(self) -> None:
-        """Fill the fields ``timm_model`` determines; a contradicting explicit value is an error."""
-        # Imported here: the backbones import this module.
-        from .backbones import timm_tower_fields
-
-        derived = timm_tower_fields(self.kind, self.timm_model, self.timm_kwargs)
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for key, value in derived.items():
-            current = getattr(self, key)
-            if current != value and current != defaults[key]:
-                raise ConfigError(
-                    f"vision.{key}={current!r} contradicts timm architecture {self.timm_model!r}, which has "
-                    f"{value!r}; leave the key out or set it to {value!r}"
-                )
-            setattr(self, key, value)
 
     @property
     def grid_size(self) -> int:
@@ -352,15 +341,9 @@ class ModelConfig:
             overrides["visor"] = {"routing_token_id": 252, "router_hidden": 16}
         if self.decoder.mrope_section is not None:
             decoder["mrope_section"] = [2, 3, 3]  # [16, 24, 24]'s proportions, summing to head_dim / 2 = 8
-        if self.vision.kind == "qwen2_vl":
-            # Dynamic resolution in units of 12 px (patch 6 x merge 2): 4 to 64 visual tokens an image.
-            overrides["vision"]["image_size"] = 12
-            overrides["processing"] = {"min_pixels": 4 * 12**2, "max_pixels": 64 * 12**2}
-        if self.vision.kind == "fastvit":
-            # FastViT's stage layout (5 stages, attention in the last two, 64x downsampling) at
-            # widths 8..128 and one block a stage: 128-px tiles give 2x2 tokens of width 256.
-            overrides["vision"] = {"image_size": 128, "patch_size": 64, "hidden_size": 256, "num_layers": 5,
-                                   "timm_kwargs": {"layers": [1] * 5, "embed_dims": [8, 16, 32, 64, 128]}}
+        rule = TINY_RULES.get(self.family)
+        if rule is not None:  # a family whose tower has other geometry (registered with the family)
+            overrides = rule(self, overrides)
         return self.with_overrides(overrides, f"tiny({self.name})")
 
     def with_overrides(self, overrides: dict[str, Any], source: str = "overrides") -> ModelConfig:

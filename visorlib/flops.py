@@ -6,18 +6,20 @@ checked against each other): a matmul of ``[m, k] @ [k, n]`` costs ``2*m*k*n``; 
 the *full* ``Lq x Lk`` rectangle (SDPA does not skip the masked half); norms, activations,
 rotary embeddings and softmax are ignored (they are O(L*d), below 1 % at these sizes).
 The one exception to "analytic" is FastVLM's FastViT tower, whose FLOPs are counted once per
-configuration on the meta device (:func:`counted_tower_flops`).
+configuration on the meta device (:func:`~visorlib.modules.counting.counted_tower_flops`).
+Each family supplies its tower and projector formulas (:class:`~visorlib.registry.Family`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 
-from .config import DecoderConfig, ModelConfig, VisionConfig
+from .config import DecoderConfig, ModelConfig
+from .modules.counting import attention_core_flops, linear_flops
+from .registry import family_of
+from .visor.plan import CROSS, SELF, LayerPlan
+from .zoo import get_config
 
 
 @dataclass
@@ -49,94 +51,6 @@ class FlopReport:
         return float(sum(self.components.values()))
 
 
-def linear_flops(tokens: int, fan_in: int, fan_out: int) -> float:
-    """A dense layer applied to ``tokens`` rows."""
-    return 2.0 * tokens * fan_in * fan_out
-
-
-def attention_core_flops(q_len: int, k_len: int, heads: int, head_dim: int) -> float:
-    """Scores (``QK^T``) plus weighted sum (``AV``), full rectangle."""
-    return 4.0 * q_len * k_len * heads * head_dim
-
-
-def vision_tower_flops(cfg: VisionConfig, tiles: int | Sequence[int]) -> float:
-    """ViT forward over ``tiles`` tiles (patch embedding + blocks); FastViT is counted, see below.
-
-    For ``qwen2_vl`` (no tiles) ``tiles`` counts *patches* instead: those of one attention
-    sequence (one image, or one temporal patch of a video), or a list with one count per sequence
-    (see :func:`qwen2_vl_tower_flops`).
-    """
-    if cfg.kind == "fastvit":
-        return tiles * counted_tower_flops(cfg) if tiles else 0.0
-    if cfg.kind == "qwen2_vl":
-        return qwen2_vl_tower_flops(cfg, tiles)
-    tokens = cfg.tokens_per_tile
-    per_tile = linear_flops(tokens, 3 * cfg.patch_size**2, cfg.hidden_size)
-    block = (
-        linear_flops(tokens, cfg.hidden_size, 3 * cfg.hidden_size)
-        + attention_core_flops(tokens, tokens, cfg.num_heads, cfg.hidden_size // cfg.num_heads)
-        + linear_flops(tokens, cfg.hidden_size, cfg.hidden_size)
-        + 2 * linear_flops(tokens, cfg.hidden_size, cfg.intermediate_size)
-    )
-    return tiles * (per_tile + cfg.num_layers * block)
-
-
-def _sequences(patches: int | Sequence[int]) -> list[int]:
-    return [patches] if isinstance(patches, int) else [int(n) for n in patches]
-
-
-def qwen2_vl_tower_flops(cfg: VisionConfig, patches: int | Sequence[int]) -> float:
-    """Qwen2-VL's ViT over ``patches``: one count per attention sequence (frame), or one int.
-
-    Attention stays within a frame, so its cost is a sum of squares of the frames' patch counts;
-    the linear layers cost in proportion to all patches together.
-    """
-    lengths = _sequences(patches)
-    total, width = sum(lengths), cfg.hidden_size
-    embed = linear_flops(total, cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2, width)
-    blocks = (
-        linear_flops(total, width, 4 * width)  # qkv and output projections
-        + 2 * linear_flops(total, width, cfg.intermediate_size)
-        + sum(attention_core_flops(n, n, cfg.num_heads, width // cfg.num_heads) for n in lengths)
-    )
-    return embed + cfg.num_layers * blocks
-
-
-def qwen2_vl_merger_flops(cfg: VisionConfig, patches: int | Sequence[int], out_dim: int) -> float:
-    """Qwen2-VL's patch merger (the projector): 2x2 patches -> one token of width ``out_dim``."""
-    tokens = sum(_sequences(patches)) // cfg.spatial_merge_size**2
-    merged = cfg.hidden_size * cfg.spatial_merge_size**2
-    return linear_flops(tokens, merged, merged) + linear_flops(tokens, merged, out_dim)
-
-
-def counted_tower_flops(cfg: VisionConfig) -> float:
-    """FLOPs of one tile through the vision tower, counted by running it on the meta device.
-
-    A formula for FastViT would have to follow dozens of convolution shapes (re-parameterised
-    stems, depth-wise mixers, strided downsampling, squeeze-excite) and drift whenever timm
-    changes; instead the tower is built on the meta device (no memory, no arithmetic) and one
-    ``[1, 3, S, S]`` tile is pushed through it under ``FlopCounterMode``, which applies the same
-    counting rules as the rest of this module. The result is cached per tower configuration.
-    """
-    return _counted_tower_flops(json.dumps(dataclasses.asdict(cfg), sort_keys=True))
-
-
-@lru_cache(maxsize=32)
-def _counted_tower_flops(cfg_json: str) -> float:
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .backbones import build_vision_tower
-
-    cfg = VisionConfig(**json.loads(cfg_json))
-    with torch.device("meta"):
-        tower = build_vision_tower(cfg)
-        pixels = torch.empty(1, 3, cfg.image_size, cfg.image_size)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        tower(pixels)
-    return float(counter.get_total_flops())
-
-
 def decoder_layer_flops(cfg: DecoderConfig, q_len: int, k_len: int | None = None) -> float:
     """One decoder layer: ``q_len`` new tokens attending to ``k_len`` keys (default: themselves)."""
     k_len = q_len if k_len is None else k_len
@@ -166,7 +80,7 @@ def cross_attention_flops(cfg: DecoderConfig, n_text: int, n_visual: int, projec
 
 def _configuration(cfg: ModelConfig, sa_layers: object) -> list[int]:
     """The one configuration ``sa_layers`` names, checked by the rule every entry point uses."""
-    from .blocks.plan import LayerPlan, validate_sa_layers
+    from .visor.plan import LayerPlan, validate_sa_layers
 
     plan = LayerPlan(cfg.decoder.num_layers, cfg.visor)
     if isinstance(sa_layers, str) and sa_layers != "all" and not plan.dense:
@@ -191,27 +105,18 @@ def prefill_flops(
         n_visual: Visual tokens in the language model's sequence (after any packing).
         n_text: Text tokens in the sequence.
         tiles: Tiles (or frames) through the vision tower; 0 counts the language model only. For
-            Qwen2-VL, patches (an int, or one count per frame; see :func:`vision_tower_flops`).
+            Qwen2-VL, patches (an int, or one count per frame; see the family's ``tower_flops``).
         sa_layers: Configuration (None = the card's default, ``"all"``, or a list of SA layers).
         logits_for: Positions whose logits are computed (1 for generation).
         bytes_per_value: KV-cache element size (2 for bf16/fp16).
     """
-    from .blocks.plan import CROSS, SELF, LayerPlan
-
     dec = cfg.decoder
     plan = LayerPlan(dec.num_layers, cfg.visor)
     executed = set(_configuration(cfg, sa_layers))
     report = FlopReport(n_visual=n_visual, n_text=n_text)
-    report.components["vision_tower"] = vision_tower_flops(cfg.vision, tiles)
-    packed = cfg.feature_grid_size**2
-    packing = cfg.visor is not None and cfg.visor.packing_ratio > 1
-    width = cfg.vision.hidden_size * (4 if packing else 1)
-    if cfg.vision.kind == "qwen2_vl":
-        report.components["projector"] = qwen2_vl_merger_flops(cfg.vision, tiles, dec.hidden_size)
-    else:
-        report.components["projector"] = linear_flops(tiles * packed, width, dec.hidden_size) + linear_flops(
-            tiles * packed, dec.hidden_size, dec.hidden_size
-        )
+    family = family_of(cfg)
+    report.components["vision_tower"] = family.tower_flops(cfg.vision, tiles) if tiles else 0.0
+    report.components["projector"] = family.projector_flops(cfg, tiles) if tiles else 0.0
     text_layers = self_layers = cross = 0.0
     cached_tokens = 0
     for index, role in enumerate(plan.roles):
@@ -239,8 +144,6 @@ def decode_step_flops(cfg: ModelConfig, n_visual: int, n_context_text: int, sa_l
     Text-only (and skipped) layers attend over the cached text, executed SA layers over visual +
     text, and cross-attention layers read visual keys/values cached at prefill.
     """
-    from .blocks.plan import CROSS, SELF, LayerPlan
-
     dec = cfg.decoder
     plan = LayerPlan(dec.num_layers, cfg.visor)
     executed = set(_configuration(cfg, sa_layers))
@@ -270,15 +173,13 @@ def flops(
         n_visual: Visual tokens in the language model's sequence.
         n_text: Text tokens in the sequence.
         tiles: Tiles through the vision tower (0: language model only, as the VISOR paper counts);
-            patches for Qwen2-VL (see :func:`vision_tower_flops`).
+            patches for Qwen2-VL (see the family's ``tower_flops``).
         sa_layers: Configuration: None (card default), ``"all"``, or a list of SA layers.
         logits_for: Positions whose logits are computed.
     """
     if isinstance(model_or_name, ModelConfig):
         cfg = model_or_name
     elif isinstance(model_or_name, str):
-        from .zoo import get_config
-
         cfg = get_config(model_or_name)
     else:
         cfg = model_or_name.cfg

@@ -3,7 +3,7 @@
 A visorlib checkpoint is a folder with ``visorlib.json`` (format version + the model card) and
 ``model.safetensors`` (or shards plus ``model.safetensors.index.json``). A Hugging Face
 LLaVA-OneVision checkpoint (``config.json`` with ``model_type``) loads through the converter in
-:mod:`visorlib.convert`. Downloads go through ``huggingface_hub`` so its cache, ``HF_HOME`` and
+:mod:`visorlib.models.llava_onevision.convert`. Downloads go through ``huggingface_hub`` so its cache, ``HF_HOME`` and
 ``HF_HUB_OFFLINE`` behave as users expect. Weights are only ever read from safetensors: no
 pickle is unpickled.
 """

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .blocks.plan import LayerPlan
 from .flops import flops
-from .models.executor import PlanExecutor
+from .visor.executor import PlanExecutor
+from .visor.plan import LayerPlan
 
 
 def _sync(device: torch.device) -> None:

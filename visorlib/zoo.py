@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ConfigError, ModelConfig, merge_nested, read_yaml_mapping
+from .config import ConfigError, ModelConfig, VisorConfig, merge_nested, read_yaml_mapping
 from .hub import (
     VISORLIB_CONFIG,
     CheckpointError,
@@ -31,6 +31,8 @@ from .hub import (
     weight_files,
 )
 from .models import family_for_hf, family_of, init_weights, model_class
+from .registry import resolve
+from .visor import visorize as visorize_plan
 
 
 def zoo_dir() -> Path:
@@ -63,7 +65,7 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
     cfg = ModelConfig.from_dict(_card_dict(name, cards, ()), str(cards[name]))
     if cfg.name != name:
         raise ConfigError(f"{cards[name]}: card name {cfg.name!r} must equal the file name {name!r}")
-    return cfg.with_overrides(overrides, f"overrides for {name}") if overrides else cfg
+    return resolve(cfg.with_overrides(overrides, f"overrides for {name}") if overrides else cfg)
 
 
 def _card_dict(name: str, cards: dict[str, Path], chain: tuple[str, ...]) -> dict[str, Any]:
@@ -130,11 +132,9 @@ def build(
     folder = resolve_checkpoint(source)
     if cfg.visor is not None and not (folder / VISORLIB_CONFIG).exists():
         # A dense reference checkpoint: load it, then add freshly initialised VISOR blocks.
-        from .models.visor import visorize
-
         model = instantiate(dataclasses.replace(cfg, visor=None), "meta", dtype)
         load_weights(model, folder)
-        model = visorize(model.to(device or "cpu"), cfg.visor, warn=False)
+        model = visorize_plan(model.to(device or "cpu"), cfg.visor, warn=False)
         warnings.warn(
             f"{name}: loaded the dense weights of {source}; the VISOR blocks (cross-attention, router, "
             "packing projector) are freshly initialised and untrained: fine-tune before trusting its answers",
@@ -174,7 +174,7 @@ def read_checkpoint_config(folder: Path) -> ModelConfig:
     hf_config = read_json(hf)
     family = family_for_hf(hf_config.get("model_type"), str(hf))
     try:
-        return family.config_from_hf(hf_config, str(hf), folder.name)
+        return resolve(family.config_from_hf(hf_config, str(hf), folder.name))
     except ConfigError as err:
         if str(hf) in str(err):
             raise
@@ -260,3 +260,14 @@ def processor_for(model: nn.Module, tokenizer_source: str | os.PathLike | None =
         stacklevel=2,
     )
     return make(model.cfg, None)
+
+
+def visorize(model: nn.Module, visor: VisorConfig | dict | str, warn: bool = True) -> nn.Module:
+    """Turn a dense model into a VISOR model (in place) and return it: :func:`visorlib.visor.visorize`,
+    which also accepts the name of a VISOR zoo card whose plan to use (``"visor-llava-ov-0.5b"``)."""
+    if isinstance(visor, str):
+        card = get_config(visor)
+        if card.visor is None:
+            raise ConfigError(f"zoo card {visor!r} has no visor section")
+        visor = card.visor
+    return visorize_plan(model, visor, warn)

@@ -51,7 +51,7 @@ def _fmt(value: float, unit: str) -> str:
 def _configs():
     """(dense config, VISOR config, plan) from the zoo cards."""
     import visorlib
-    from visorlib.blocks import LayerPlan
+    from visorlib.visor import LayerPlan
 
     dense, visor = visorlib.get_config(DENSE), visorlib.get_config(VISOR)
     return dense, visor, LayerPlan(visor.decoder.num_layers, visor.visor)

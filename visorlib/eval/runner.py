@@ -148,7 +148,7 @@ def generate_batch(model, processor, encoded: list[dict[str, Any]], sa_layers: A
     elif model.plan.dense:
         ran = [None] * len(encoded)
     else:
-        ran = model.resolve_configurations(sa_layers, len(encoded))
+        ran = [list(c) for c in model.language_model.request(sa_layers, len(encoded)).configurations]
     device = batch["input_ids"].device
     _sync(device)
     started = time.perf_counter()

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from ..models.multimodal import InputError
+from ..validation import InputError
 
 #: Default pixel limit: 64 Mpx (e.g. 8192 x 8192, 192 MB as RGB). The largest inputs the zoo's
 #: processors use are far smaller (LLaVA-OV anyres_max_9: ~2300 x 2300; Qwen2-VL: 12.8 Mpx).

@@ -29,9 +29,7 @@ from PIL import Image
 
 from ..config import ModelConfig
 from ..validation import InputError
-from . import anyres
-from .chat import IM_END, IM_START, IMAGE_TOKEN, VIDEO_TOKEN, apply_chat_template, media_in_messages
-from .image import preprocess_images, preprocess_video
+from .chat import IM_END, IM_START, IMAGE_TOKEN, VIDEO_TOKEN, media_in_messages
 from .tokenizer import Tokenizer
 
 ROUTE_TOKEN = "<route>"
@@ -44,7 +42,7 @@ def _is_image(obj: Any) -> bool:
     return isinstance(obj, Image.Image) or (isinstance(obj, (np.ndarray, torch.Tensor)) and obj.ndim in (2, 3))
 
 
-def _group_images(images: Any, counts: list[int]) -> list[list[Any]]:
+def group_images(images: Any, counts: list[int]) -> list[list[Any]]:
     """Images per sample, checked against each sample's ``<image>`` placeholder count."""
     if images is None:
         images = []
@@ -78,7 +76,7 @@ def _group_images(images: Any, counts: list[int]) -> list[list[Any]]:
     return groups
 
 
-def _list_videos(videos: Any) -> list[Any]:
+def list_videos(videos: Any) -> list[Any]:
     """Videos as a list: a 4-D array/tensor or a list of frames is one video."""
     if videos is None:
         return []
@@ -354,110 +352,3 @@ class ChatProcessor:
         if self.tokenizer is None:
             raise ValueError("this processor has no tokenizer to decode with")
         return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens)
-
-
-class LlavaOnevisionProcessor(ChatProcessor):
-    """Prepares prompts and images/videos for a LLaVA-OneVision model.
-
-    Args:
-        cfg: The model's configuration (tile size, pinpoints, token ids, mean/std).
-        tokenizer: The model's tokenizer; may be None to preprocess pixels only.
-
-    Raises:
-        ValueError: The tokenizer's ``<image>`` / ``<video>`` ids differ from ``cfg.tokens``.
-    """
-
-    image_token = IMAGE_TOKEN
-    video_token = VIDEO_TOKEN
-
-    # -- token counts (all arithmetic lives in anyres) -------------------------------------------
-
-    def num_image_tokens(self, image_size: Sequence[int], tiled: bool = True) -> int:
-        """Placeholder tokens for an image of ``(height, width)``.
-
-        ``tiled=False`` for images of multi-image samples; with ``processing.aspect_mode: pad``
-        (FastVLM) no image is tiled.
-        """
-        side = self.cfg.vision.image_size
-        return anyres.num_image_tokens(
-            image_size,
-            self.cfg.processing.pinpoints(side),
-            side,
-            self.cfg.feature_grid_size,
-            self.cfg.processing.max_tiles,
-            newline=self.cfg.use_image_newline,
-            tiled=tiled and self.cfg.processing.aspect_mode == "anyres",
-        )
-
-    def num_video_tokens(self, num_frames: int) -> int:
-        """Placeholder tokens for a video of ``num_frames`` frames."""
-        return anyres.num_video_tokens(num_frames, self.cfg.feature_grid_size, newline=self.cfg.use_image_newline)
-
-    # -- main entry point -------------------------------------------------------------------------
-
-    def preprocess(self, texts: list[str] | None, images: Any, videos: Any) -> tuple[dict[str, Any], list[int], list[int]]:
-        """The pixel tensors of :meth:`__call__`, and the placeholder count of every image / video.
-
-        Args:
-            texts: The prompts (None for pixels only); ``<image>`` / ``<video>`` mark where each goes.
-            images: One image, a flat list (assigned to samples in placeholder order), or one list
-                per sample. PIL images, ``numpy.ndarray`` or ``torch.Tensor``.
-            videos: One video (list of frames, or ``[F, H, W, C]`` / ``[F, C, H, W]``) or a list of
-                videos, in placeholder order. All videos must have the same number of frames.
-
-        Returns:
-            ``pixel_values`` ``[images, tiles, 3, S, S]``, ``image_sizes`` ``[images, 2]`` and
-            ``batch_num_images`` (images per sample that has any; when images are given),
-            ``pixel_values_videos`` ``[videos, F, 3, S, S]`` (when videos are given); then the
-            token counts.
-        """
-        out: dict[str, Any] = {}
-        if texts is None:
-            # Pixels only: a flat list makes every image its own single-image sample, as in HF.
-            flat = images if isinstance(images, (list, tuple)) else [] if images is None else [images]
-            nested = bool(flat) and all(isinstance(item, (list, tuple)) for item in flat)
-            groups = [list(g) for g in flat] if nested else [[image] for image in flat]
-        else:
-            groups = _group_images(images, [t.count(IMAGE_TOKEN) for t in texts])
-        flat_images = [image for group in groups for image in group]
-        # Anyres tiling is for the only image of a sample; "pad" mode (FastVLM) never tiles.
-        anyres_mode = self.cfg.processing.aspect_mode == "anyres"
-        tiled = [anyres_mode and len(group) == 1 for group in groups for _ in group]
-        if flat_images:
-            out.update(preprocess_images(flat_images, self.cfg, tiled=tiled))
-            out["batch_num_images"] = torch.tensor([len(g) for g in groups if g], dtype=torch.long)
-
-        video_list = _list_videos(videos)
-        if texts is not None:
-            placed = sum(t.count(VIDEO_TOKEN) for t in texts)
-            if placed != len(video_list):
-                raise InputError(f"the text holds {placed} {VIDEO_TOKEN} placeholders but {len(video_list)} videos were passed")
-        if video_list:
-            clips = [preprocess_video(video, self.cfg) for video in video_list]
-            frame_counts = [clip.shape[1] for clip in clips]
-            if len(set(frame_counts)) > 1:
-                raise InputError(f"videos in one batch must have the same number of frames, got {frame_counts}")
-            out["pixel_values_videos"] = torch.cat(clips)
-
-        image_counts = [self.num_image_tokens(size, t) for size, t in zip(out.get("image_sizes", []), tiled, strict=True)]
-        video_counts = [self.num_video_tokens(n) for n in (frame_counts if video_list else [])]
-        return out, image_counts, video_counts
-
-    # -- conveniences -----------------------------------------------------------------------------
-
-    @staticmethod
-    def apply_chat_template(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-        """The llava-onevision-hf prompt for ``messages`` (see :func:`.chat.apply_chat_template`)."""
-        return apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-
-    def profile_inputs(self, image: Any, n_text: int, seed: int = 0) -> tuple[torch.Tensor, dict[str, Any], int]:
-        """A one-image prompt with ``n_text`` random ordinary text ids around the placeholders.
-
-        For measuring cost without a tokenizer (``visorlib profile``). Returns ``(input_ids [1, L],
-        vision inputs, tiles through the vision tower)``.
-        """
-        vision = self(images=[image])
-        vision.pop("batch_num_images", None)
-        size = vision["image_sizes"][0].tolist()
-        tiles = vision["pixel_values"].shape[1]  # one image: exactly its tiles, no padding
-        return self.profile_ids(self.num_image_tokens(size), n_text, seed), vision, tiles

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..models.multimodal import InputError
+from ..models.base import InputError
 from ..processing.files import DEFAULT_MAX_PIXELS, open_image
 from .recipe import DatasetSpec
 

@@ -78,7 +78,7 @@ def select_labels(rows: list[dict[str, Any]], plan, mode: str = "dataset") -> di
 
     Args:
         rows: The log.
-        plan: The model's :class:`~visorlib.blocks.plan.LayerPlan` (configurations and costs).
+        plan: The model's :class:`~visorlib.visor.plan.LayerPlan` (configurations and costs).
         mode: ``"dataset"`` (paper §4.3) or ``"sample"`` (appendix D oracle).
     """
     if mode not in ("dataset", "sample"):
@@ -192,15 +192,10 @@ def _to(batch: dict[str, Any], model) -> dict[str, Any]:
 
 
 def _route(model, batch) -> dict[str, Any]:
-    """Run the layers up to the router and return its logits, per-token sample index and choices."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    embeds, visual, segments = model.embed(ids, batch.get("pixel_values"), batch.get("image_sizes"),
-                                           batch.get("pixel_values_videos"), batch.get("batch_num_images"))
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    routing = model.routing_mask(ids)
-    _, configs, logits = model.run_decoder(embeds, positions, mask, visual, segments, routing, "router",
-                                           stop_after=model.plan.router_layer)
-    return {"logits": logits, "sample_of_token": (routing & mask.bool()).nonzero()[:, 0], "configs": configs}
+    """The routing phase (:meth:`~visorlib.models.base.VisionLanguageModel.route`): the router's
+    logits, the sample of each routing token and the chosen configurations."""
+    report = model.route(**batch)
+    return {"logits": report.router_logits, "sample_of_token": report.routed_samples, "configs": report.executed}
 
 
 @torch.no_grad()

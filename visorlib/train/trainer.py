@@ -134,7 +134,7 @@ def build_model(recipe: Recipe, device: torch.device):
             # A visorlib checkpoint carries its own architecture; a dense one becomes the card's VISOR model.
             model = zoo.from_pretrained(spec.pretrained, device=device)
             if model.cfg.visor is None and cfg.visor is not None:
-                from ..models.visor import visorize
+                from ..visor.language_model import visorize
 
                 model = visorize(model, cfg.visor)
             return model

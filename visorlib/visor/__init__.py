@@ -1,0 +1,42 @@
+"""VISOR (Vision On Request), read top to bottom.
+
+* :mod:`~visorlib.visor.plan` — each decoder layer's role (text-only, cross-attention,
+  self-attention candidate) and the allowed configurations;
+* :mod:`~visorlib.visor.request` — ``sa_layers`` parsed once; what ran, reported;
+* :mod:`~visorlib.visor.streams` — gather/scatter of the visual and text token streams;
+* :mod:`~visorlib.visor.cross_attention` — text reads the visual tokens (with a convolutional
+  positional embedding on them);
+* :mod:`~visorlib.visor.executor` — runs any plan, per-sample configurations included;
+* :mod:`~visorlib.visor.router` — picks a configuration per sample;
+* :mod:`~visorlib.visor.token_packing` — VISOR-TR: fewer visual tokens before the decoder;
+* :mod:`~visorlib.visor.language_model` — the decoder under a plan, composed with the blocks;
+* :mod:`~visorlib.visor.visorize` — a dense model becomes a VISOR model.
+"""
+
+from .cross_attention import ConvPositionalEmbedding, CrossAttention
+from .language_model import VisorLanguageModel, attach_visor
+from .plan import CROSS, SELF, TEXT, LayerPlan, validate_sa_layers
+from .request import LayerRequest, VisorReport
+from .router import ConfigurationRouter, costliest, route_configs
+from .token_packing import TokenPacker, widen_projector
+from .visorize import visorize
+
+__all__ = [
+    "CROSS",
+    "SELF",
+    "TEXT",
+    "ConfigurationRouter",
+    "ConvPositionalEmbedding",
+    "CrossAttention",
+    "LayerPlan",
+    "LayerRequest",
+    "TokenPacker",
+    "VisorLanguageModel",
+    "VisorReport",
+    "attach_visor",
+    "costliest",
+    "route_configs",
+    "validate_sa_layers",
+    "visorize",
+    "widen_projector",
+]
