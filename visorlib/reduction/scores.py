@@ -30,7 +30,7 @@ from torch import nn
 from .spec import ReductionSpecError
 
 
-def received_attention(q: torch.Tensor, k: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+def received_attention(q: torch.Tensor, k: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     """Mean attention each token receives: ``softmax(q k^T / sqrt(d))`` averaged over heads and queries.
 
     Args:
@@ -78,18 +78,19 @@ def query_attention(
         ``[B, V]`` float32 scores; padded visual slots are ``-inf``.
     """
     b, hq, nq, d = q.shape
-    hkv = k.shape[1]
+    hkv, length = k.shape[1], k.shape[2]
     if hq % hkv:
         raise ReductionSpecError(f"{hq} query heads are not a multiple of {hkv} key/value heads")
-    if hq != hkv:
-        k = k.repeat_interleave(hq // hkv, dim=1)
-    logits = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(d)     # [B, Hq, Q, L]
-    length = k.shape[2]
+    groups = hq // hkv
+    # Query head h reads kv head h // groups (the model's repeat_interleave): folding each group of
+    # query heads into the query axis lets one matmul per kv head serve them, without copying k.
+    qg = q.float().reshape(b, hkv, groups * nq, d)
+    logits = (qg @ k.float().transpose(-1, -2)) / math.sqrt(d)                # [B, Hkv, G*Q, L]
     allowed = key_valid.bool()[:, None, :].expand(b, nq, length)
     if causal:
         pos = torch.arange(length, device=k.device)
         allowed = allowed & (pos[None, None, :] <= query_positions[:, :, None])
-    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+    logits = logits.masked_fill(~allowed.repeat(1, groups, 1)[:, None], float("-inf"))
     probs = torch.softmax(logits, dim=-1).mean(dim=(1, 2))                   # [B, L]
     scores = probs.gather(1, visual_index.clamp(0, length - 1))
     return scores.masked_fill(~visual_valid.bool(), float("-inf"))
@@ -161,7 +162,7 @@ class TowerAttentionCapture:
             raise RuntimeError(f"block {index} was not run inside the capture")
         return self._store[(index, "q")], self._store[(index, "k")]
 
-    def received(self, layer: int, chunk: int = 256) -> torch.Tensor:
+    def received(self, layer: int, chunk: int = 64) -> torch.Tensor:
         """:func:`received_attention` of block ``layer``: ``[N, T]``."""
         return received_attention(*self.qk(layer), chunk=chunk)
 

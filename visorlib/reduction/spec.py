@@ -111,9 +111,11 @@ def _share(method: str, key: str, value: Any, low_open: bool = True) -> None:
         raise ReductionSpecError(f"{method}: {key!r} = {value} is out of range {'(0' if low_open else '[0'}, 1]")
 
 
-def _int(method: str, key: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ReductionSpecError(f"{method}: {key!r} must be an int >= {low}, got {value!r}")
+def _int(method: str, key: str, value: Any, low: int | None) -> None:
+    """``value`` must be an int (>= ``low`` unless None; a tower layer may count from the end)."""
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+        raise ReductionSpecError(f"{method}: {key!r} must be an int{'' if low is None else f' >= {low}'}, "
+                                 f"got {value!r}")
 
 
 @register_reducer("visionzip")
@@ -136,7 +138,7 @@ class VisionZip(Reducer):
 
     def validate(self) -> None:
         _share(self.name, "dominant_ratio", self.dominant_ratio, low_open=False)
-        _int(self.name, "layer", self.layer, -(10**6))
+        _int(self.name, "layer", self.layer, None)
 
     def split(self, kept: int) -> tuple[int, int]:
         """(dominant, contextual) counts for ``kept`` tokens per tile; at least one dominant token."""
@@ -166,7 +168,7 @@ class VisPruner(Reducer):
     def validate(self) -> None:
         _share(self.name, "important_ratio", self.important_ratio, low_open=False)
         _int(self.name, "step", self.step, 1)
-        _int(self.name, "layer", self.layer, -(10**6))
+        _int(self.name, "layer", self.layer, None)
 
     def split(self, kept: int) -> tuple[int, int]:
         """(important, diverse) counts for ``kept`` tokens per tile."""
@@ -196,8 +198,8 @@ class HiRED(Reducer):
 
     def validate(self) -> None:
         _share(self.name, "alpha", self.alpha, low_open=False)
-        _int(self.name, "budget_layer", self.budget_layer, -(10**6))
-        _int(self.name, "layer", self.layer, -(10**6))
+        _int(self.name, "budget_layer", self.budget_layer, None)
+        _int(self.name, "layer", self.layer, None)
 
 
 @register_reducer("pooling")
@@ -294,7 +296,10 @@ class PyramidDrop(Reducer):
         if starts[-1] >= num_layers:
             raise ReductionSpecError(f"pyramiddrop: stage layer {starts[-1]} is out of range for a "
                                      f"{num_layers}-layer decoder")
-        last = resolve_keep(self.keep, n_visual, "the sample") / n_visual if n_visual else 1.0
+        if isinstance(self.keep, float):
+            last = self.keep
+        else:
+            last = resolve_keep(self.keep, n_visual, "the sample") / n_visual if n_visual else 1.0
         ratios = list(self.ratios)
         if ratios[-1] != last:
             scale = last / ratios[-1]
