@@ -327,3 +327,15 @@ def test_counts_of_the_functions_match_the_accounting():
                       (Pooling(keep=0.25), pooling(feats, Pooling(keep=0.25))),
                       (HiRED(keep=0.3), hired(feats, scores, scores, [4], [(1, 3)], HiRED(keep=0.3)))):
         assert int(out.counts.sum()) == pre_llm_tokens(spec, 49, 4), spec.name
+
+
+def test_each_tile_of_a_batch_equals_the_tile_alone():
+    feats, scores, keys = random_tiles(n=4, t=49, seed=5)
+    for run in (lambda f, s, k: visionzip(f, s, k, VisionZip(keep=12)),
+                lambda f, s, k: vispruner(f, s, VisPruner(keep=12, step=3)),
+                lambda f, s, k: pooling(f, Pooling(keep=0.25))):
+        batch = run(feats, scores, keys)
+        for i in range(4):
+            alone = run(feats[i:i + 1], scores[i:i + 1], keys[i:i + 1])
+            torch.testing.assert_close(batch.features[i:i + 1], alone.features, atol=1e-6, rtol=0)
+            assert alone.indices is None or torch.equal(batch.indices[i:i + 1], alone.indices)

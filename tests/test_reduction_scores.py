@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from visorlib.backbones import build_vision_tower
+import visorlib
 from visorlib.backbones.siglip import SiglipVisionTower
 from visorlib.config import VisionConfig
 from visorlib.reduction import (
@@ -31,9 +31,16 @@ TOL = 1e-6
 
 
 def tiny_tower(layers=3):
+    """A SigLIP tower with an 8x8 grid (64 tokens per tile), 3 blocks."""
     torch.manual_seed(0)
     cfg = VisionConfig(image_size=56, patch_size=7, hidden_size=32, intermediate_size=64, num_layers=layers, num_heads=4)
     return SiglipVisionTower(cfg).eval()
+
+
+def card_tower(card):
+    """The vision tower of a zoo card's tiny model, built the way the model builds it."""
+    torch.manual_seed(0)
+    return visorlib.zoo.instantiate(visorlib.get_config(card).tiny()).vision_tower.eval()
 
 
 def eager_tower(tower, pixels):
@@ -64,9 +71,11 @@ def test_blocked_received_attention_equals_the_materialised_matrix(chunk):
     torch.testing.assert_close(got.sum(-1), torch.ones(3), atol=TOL, rtol=0)
 
 
-def test_capture_reads_the_towers_own_q_k_without_changing_its_output():
-    tower = tiny_tower()
-    pixels = torch.randn(2, 3, 56, 56)
+@pytest.mark.parametrize("source", ["8x8", "llava-ov-0.5b"])
+def test_capture_reads_the_towers_own_q_k_without_changing_its_output(source):
+    tower = tiny_tower() if source == "8x8" else card_tower(source)
+    side = tower.cfg.image_size
+    pixels = torch.randn(2, 3, side, side)
     with torch.no_grad():
         plain = tower(pixels)
         with TowerAttentionCapture(tower, layers=(0, -1)) as cap:
@@ -83,11 +92,10 @@ def test_capture_reads_the_towers_own_q_k_without_changing_its_output():
         torch.testing.assert_close(cap.keys(layer), k.mean(1), atol=TOL, rtol=0)
 
 
-def test_capture_refuses_towers_without_exposed_attention_and_bad_layers():
-    cfg = VisionConfig(kind="qwen2_vl", image_size=28, patch_size=14, hidden_size=32, intermediate_size=64,
-                       num_layers=1, num_heads=2, hidden_act="quick_gelu")
+@pytest.mark.parametrize("card", ["qwen2-vl-2b", "fastvlm-0.5b"])
+def test_capture_refuses_towers_without_exposed_attention_and_bad_layers(card):
     with pytest.raises(ReductionSpecError, match="does not expose its attention.*visionzip"):
-        TowerAttentionCapture(build_vision_tower(cfg), layers=(-1,))
+        TowerAttentionCapture(card_tower(card), layers=(-1,))
     with pytest.raises(ValueError, match="tower layer 3 is out of range for a 3-block"):
         TowerAttentionCapture(tiny_tower(), layers=(3,))
 
@@ -211,3 +219,12 @@ def test_pyramiddrop_stages_follow_the_paper_and_shrink_per_sample():
     assert indices[1, :3].tolist() == naive_top(scores[1], 10, 3)
     with pytest.raises(ValueError, match="stage layer 30 is out of range for a 24-layer decoder"):
         prune_points(PyramidDrop(layers=(0, 10, 20, 30)), 24)
+
+
+def test_in_llm_keep_all_keeps_every_valid_slot():
+    scores, valid = torch.randn(2, 8), torch.ones(2, 8, dtype=torch.bool)
+    valid[0, 6:] = False
+    spec = PyramidDrop(layers=(0, 2), ratios=(1.0, 1.0), keep=1.0)
+    indices, lengths = pyramiddrop_select(scores, valid, spec, 4, stage=1)
+    assert lengths.tolist() == [6, 8] and indices[0, :6].tolist() == list(range(6)) and indices[0, 6:].eq(-1).all()
+    assert indices[1].tolist() == list(range(8))
