@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from test_reduction_scores import eager_tower, tiny_tower
+from test_reduction_scores import card_tower, eager_tower, tiny_tower
 
 from visorlib.reduction import (
     REDUCERS,
@@ -17,6 +17,7 @@ from visorlib.reduction import (
     VisPruner,
     apply_pre_llm,
     apportion,
+    encode_and_reduce,
     hired,
     hired_budgets,
     parse_reduction,
@@ -339,3 +340,30 @@ def test_each_tile_of_a_batch_equals_the_tile_alone():
             alone = run(feats[i:i + 1], scores[i:i + 1], keys[i:i + 1])
             torch.testing.assert_close(batch.features[i:i + 1], alone.features, atol=1e-6, rtol=0)
             assert alone.indices is None or torch.equal(batch.indices[i:i + 1], alone.indices)
+
+
+def test_encode_and_reduce_runs_the_tower_once_and_equals_the_manual_path():
+    tower = card_tower("llava-ov-0.5b")                  # 5x5 = 25 tokens per tile, 2 blocks
+    pixels = torch.randn(3, 3, tower.cfg.image_size, tower.cfg.image_size)
+    for spec in (VisionZip(keep=9), VisPruner(keep=0.4), HiRED(keep=0.5), Pooling(keep=0.25)):
+        features, out = encode_and_reduce(tower, pixels, spec, tiles_per_image=[3], grids=[(1, 2)])
+        assert features.requires_grad                     # no no_grad: a recipe can train through it
+        features = features.detach()
+        with torch.no_grad():
+            _, maps = eager_tower(tower, pixels)
+            torch.testing.assert_close(features, tower(pixels), atol=0, rtol=0)
+        received = [probs.mean(1).mean(1) for probs, _ in maps]
+        if isinstance(spec, VisionZip):
+            expected = [naive_visionzip(features[i], received[-1][i], maps[-1][1].mean(1)[i], *spec.split(9))[1]
+                        for i in range(3)]
+        elif isinstance(spec, VisPruner):
+            expected = [naive_vispruner(features[i], received[-1][i], *spec.split(10), 8) for i in range(3)]
+        elif isinstance(spec, HiRED):
+            budgets = naive_hired_budgets(received[0], (1, 2), 0.5, 0.5)
+            expected = [sorted(ranked(received[-1][i])[:c]) for i, c in enumerate(budgets)]
+        else:
+            assert out.indices is None and out.features.shape == (3, 4, features.shape[-1])
+            continue
+        assert [row[: int(c)].tolist() for row, c in zip(out.indices, out.counts, strict=True)] == expected
+    with pytest.raises(ReductionSpecError, match="does not expose its attention"):
+        encode_and_reduce(card_tower("qwen2-vl-2b"), pixels, VisionZip(keep=9))

@@ -11,10 +11,12 @@ from .pre_llm import (
     Reduced,
     apply_pre_llm,
     apportion,
+    encode_and_reduce,
     hired,
     hired_budgets,
     pooled_side,
     pooling,
+    tower_layers,
     visionzip,
     vispruner,
 )
@@ -54,6 +56,7 @@ __all__ = [
     "VisionZip",
     "apply_pre_llm",
     "apportion",
+    "encode_and_reduce",
     "fastv_select",
     "hired",
     "hired_budgets",
@@ -73,6 +76,7 @@ __all__ = [
     "take",
     "tokens_per_layer",
     "tokens_per_layer_batch",
+    "tower_layers",
     "vispruner",
     "visionzip",
 ]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .scores import TowerAttentionCapture
 from .spec import HiRED, Pooling, Reducer, ReductionSpecError, VisionZip, VisPruner, resolve_keep
 
 
@@ -307,3 +308,39 @@ def apply_pre_llm(
         return hired(features, capture.received(spec.budget_layer), capture.received(spec.layer),
                      tiles_per_image, grids, spec)
     raise ReductionSpecError(f"{spec.name} is not a pre-LLM method")
+
+
+def tower_layers(spec: Reducer) -> tuple[int, ...]:
+    """Tower blocks whose q/k ``spec`` reads (empty for methods that need no tower attention)."""
+    if isinstance(spec, HiRED):
+        return (spec.budget_layer, spec.layer)
+    if isinstance(spec, (VisionZip, VisPruner)):
+        return (spec.layer,)
+    return ()
+
+
+def encode_and_reduce(
+    tower: torch.nn.Module,
+    pixel_values: torch.Tensor,
+    spec: Reducer,
+    tiles_per_image: Sequence[int] | None = None,
+    grids: Sequence[tuple[int, int]] | None = None,
+) -> tuple[torch.Tensor, Reduced]:
+    """Run ``tower`` on ``pixel_values`` (its own SDPA attention untouched) and reduce its tiles with ``spec``.
+
+    Gradients flow through the features as usual (a recipe can train the projector or the tower
+    under a reducer); the scores are computed from detached q/k and carry none.
+
+    Returns:
+        ``(features, reduced)``: the tower's full ``[N, T, D]`` output and :func:`apply_pre_llm`'s result.
+
+    Raises:
+        ReductionSpecError: ``spec`` reads tower attention and ``tower`` does not expose it.
+    """
+    layers = tower_layers(spec)
+    if not layers:
+        features = tower(pixel_values)
+        return features, apply_pre_llm(spec, features, None, tiles_per_image, grids)
+    with TowerAttentionCapture(tower, layers) as capture:
+        features = tower(pixel_values)
+    return features, apply_pre_llm(spec, features, capture, tiles_per_image, grids)
