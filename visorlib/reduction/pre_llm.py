@@ -281,7 +281,7 @@ def hired(
 def apply_pre_llm(
     spec: Reducer,
     features: torch.Tensor,
-    capture=None,
+    capture: TowerAttentionCapture | None = None,
     tiles_per_image: Sequence[int] | None = None,
     grids: Sequence[tuple[int, int]] | None = None,
 ) -> Reduced:
@@ -291,7 +291,8 @@ def apply_pre_llm(
         spec: A pre-LLM reducer.
         features: ``[N, T, D]`` tile features of the forward the capture recorded.
         capture: The capture (needed by the methods that read tower attention).
-        tiles_per_image / grids: Image layout, for HiRED (default: every tile its own image).
+        tiles_per_image: Tiles of each image, for HiRED (default: every tile its own image).
+        grids: ``(rows, cols)`` of each image's tiles after the base tile, for HiRED.
     """
     if isinstance(spec, Pooling):
         return pooling(features, spec)
