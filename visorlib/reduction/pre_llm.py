@@ -220,8 +220,10 @@ def hired_budgets(budget_scores: torch.Tensor, grid: tuple[int, int], spec: HiRE
     rows, cols = grid
     if rows * cols != n_tiles - 1:
         raise ReductionSpecError(f"hired: grid {rows}x{cols} does not match the {n_tiles - 1} tiles after the base tile")
-    base = min(int(total * spec.alpha), t)
     side = math.isqrt(t)
+    if side * side != t:
+        raise ReductionSpecError(f"hired maps the base tile onto the tile layout and needs a square grid, got {t} tokens")
+    base = min(int(total * spec.alpha), t)
     top = int(t * (1 - spec.alpha))
     hits = torch.zeros(t, dtype=torch.bool, device=budget_scores.device)
     if top:
@@ -338,10 +340,9 @@ def encode_and_reduce(
     Raises:
         ReductionSpecError: ``spec`` reads tower attention and ``tower`` does not expose it.
     """
-    layers = tower_layers(spec)
-    if not layers:
+    if not spec.needs_tower_attention:
         features = tower(pixel_values)
         return features, apply_pre_llm(spec, features, None, tiles_per_image, grids)
-    with TowerAttentionCapture(tower, layers) as capture:
+    with TowerAttentionCapture(tower, tower_layers(spec)) as capture:
         features = tower(pixel_values)
     return features, apply_pre_llm(spec, features, capture, tiles_per_image, grids)
