@@ -1,8 +1,8 @@
 """Cost of token-reduction scoring next to the attention it rides along (issue 12, phase 1).
 
 Compares, at real sizes with random tensors: the materialised "attention received" of a tower
-layer against the blocked column mean of :func:`visorlib.reduction.received_attention` (several
-chunk sizes), and the last-token decoder scores of :func:`visorlib.reduction.query_attention`,
+layer against the blocked column mean of :func:`visorlib.visor.reduction.received_attention` (several
+chunk sizes), and the last-token decoder scores of :func:`visorlib.visor.reduction.query_attention`,
 each next to one SDPA attention of the same layer. Run it under the shared benchmark lock::
 
     flock /tmp/visorlib-bench.lock python benchmarks/reduction_scores.py --json benchmarks/results/reduction-scores-cpu.json
@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from visorlib.reduction import query_attention, received_attention
+from visorlib.visor.reduction import query_attention, received_attention
 
 
 def timed(fn, repeats: int) -> float:

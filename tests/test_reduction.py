@@ -6,7 +6,8 @@ import pytest
 import torch
 from test_reduction_scores import card_tower, eager_tower, tiny_tower
 
-from visorlib.reduction import (
+from visorlib.validation import InputError
+from visorlib.visor.reduction import (
     REDUCERS,
     HiRED,
     Pooling,
@@ -30,7 +31,6 @@ from visorlib.reduction import (
     visionzip,
     vispruner,
 )
-from visorlib.validation import InputError
 
 # ---------------------------------------------------------------- naive references, written from each rule
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import visorlib
-from visorlib.backbones.siglip import SiglipVisionTower
 from visorlib.config import VisionConfig
-from visorlib.reduction import (
+from visorlib.models.llava_onevision.siglip import SiglipVisionTower
+from visorlib.visor.reduction import (
     FastV,
     PyramidDrop,
     ReductionSpecError,

@@ -283,6 +283,9 @@ class ModelConfig:
         tokens: Special token ids.
         attn_implementation: ``"sdpa"`` (default), ``"eager"`` or ``"flash"``.
         visor: The VISOR layer plan; None for a dense model.
+        token_reduction: Token reduction applied when a call passes none: a list of method specs
+            such as ``[{method: visionzip, keep: 128}]`` (see ``docs/token-reduction.md``; checked
+            when the model is built); None for none.
     """
 
     name: str = "unnamed"
@@ -298,6 +301,7 @@ class ModelConfig:
     tokens: TokensConfig = field(default_factory=TokensConfig)
     attn_implementation: str = "sdpa"
     visor: VisorConfig | None = None
+    token_reduction: list[dict[str, Any]] | None = None
 
     @property
     def feature_grid_size(self) -> int:

@@ -51,6 +51,7 @@ from ..validation import (
     token_id_error,
 )
 from ..visor import VisorReport, attach_visor
+from ..visor.reduction import IN_LLM, PRE_LLM, Reducer, parse_reduction
 
 __all__ = ["Embedded", "InputError", "Media", "ModelOutput", "VisionLanguageModel"]
 
@@ -144,6 +145,7 @@ class VisionLanguageModel(GenerationMixin, PretrainedMixin, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = resolve(cfg)
+        parse_reduction(self.cfg.token_reduction, f"{self.cfg.name}: token_reduction")  # a bad card fails at build
 
     def _finish_init(self) -> None:
         """Build the decoder and attach the VISOR plan and blocks (after the vision side exists)."""
@@ -157,6 +159,16 @@ class VisionLanguageModel(GenerationMixin, PretrainedMixin, nn.Module):
     def embed_inputs(self, input_ids: torch.Tensor, cache: KVCache | None = None, **media) -> Embedded:
         """The family's media (its ``forward`` keyword arguments) embedded into ``input_ids``."""
         raise NotImplementedError
+
+    def reducers(self, token_reduction: object = None) -> tuple[list[Reducer], list[Reducer]]:
+        """``token_reduction`` (None: the card's ``token_reduction``) parsed into ``(pre_llm, in_llm)`` reducers.
+
+        Pre-LLM reducers act in the family's vision path (``embed_inputs``); in-LLM ones inside the
+        decoder. A family whose tower cannot serve a pre-LLM rule refuses it there.
+        """
+        spec = self.cfg.token_reduction if token_reduction is None else token_reduction
+        parsed = parse_reduction(spec)
+        return [r for r in parsed if r.where == PRE_LLM], [r for r in parsed if r.where == IN_LLM]
 
     # -- VISOR, delegated to the language model -------------------------------------------------
     def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -266,6 +278,7 @@ class VisionLanguageModel(GenerationMixin, PretrainedMixin, nn.Module):
         cache: KVCache | None,
         logits_to_keep: int,
         sa_layers: object,
+        reducers: Sequence[Reducer] = (),
     ) -> ModelOutput:
         """The decoder under the VISOR plan, then logits and (with ``labels``) the loss.
 
@@ -281,6 +294,7 @@ class VisionLanguageModel(GenerationMixin, PretrainedMixin, nn.Module):
             sa_layers: VISOR configuration: None (the card's default), ``"all"``, ``"router"``, a
                 list of SA layers, one list per sample, or a :class:`~visorlib.visor.LayerRequest`.
                 Ignored after the prefill: decode steps keep the prefill's configuration.
+            reducers: In-LLM token reduction for the prefill (see :meth:`reducers`).
         """
         batch, length = input_ids.shape
         past = cache.seen if cache is not None else 0
@@ -290,7 +304,8 @@ class VisionLanguageModel(GenerationMixin, PretrainedMixin, nn.Module):
         self._warn_past_positions(position_ids, past + length)
         request = self.language_model.request(None if past else sa_layers, batch)
         hidden, report = self.language_model.forward(embedded.embeds, position_ids, attention_mask, embedded.visual_mask,
-                                                     embedded.segments, self.routing_mask(input_ids), request, cache)
+                                                     embedded.segments, self.routing_mask(input_ids), request, cache,
+                                                     () if past else reducers)
         if logits_to_keep < 0:
             if labels is None:
                 raise ValueError("logits_to_keep=-1 (loss only) needs labels")

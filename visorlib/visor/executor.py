@@ -12,6 +12,11 @@ and cross-attention layers work on the text stream alone, so their cost does not
 number of visual tokens. When samples of one batch execute different SA layers, each such layer
 runs the merged computation on the executing samples and the text-only one on the others
 ("gather per layer"); every sample gets what it would get alone.
+
+A pass is :meth:`PlanExecutor.start`, then :meth:`~PlanExecutor.run_layers` over one or more
+ranges of layers (the router's two phases are two ranges with the routing decision between them),
+then :meth:`~PlanExecutor.finish`. With in-LLM token reduction (:mod:`visorlib.visor.pruning`) the
+state also shrinks: from a pruning layer on, the sequence holds only the kept visual tokens.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from torch import nn
 from ..modules.cache import KVCache, RowWriter
 from ..modules.layers import causal_padding_mask
 from .plan import CROSS, SELF, LayerPlan
-from .streams import Layout, gather_positions, gather_tokens, scatter_tokens
+from .pruning import Pruning
+from .streams import Layout, compact, gather_positions, gather_tokens, scatter_tokens
 
 
 class PlanExecutor:
@@ -35,8 +41,9 @@ class PlanExecutor:
         implementation: Attention backend.
     """
 
-    def __init__(self, decoder: nn.Module, plan: LayerPlan, cross: nn.ModuleDict | None, implementation: str):
-        self.decoder, self.plan, self.cross, self.impl = decoder, plan, cross, implementation
+    def __init__(self, decoder: nn.Module, plan: LayerPlan, cross: nn.ModuleDict | None, implementation: str,
+                 pruning: Pruning | None = None):
+        self.decoder, self.plan, self.cross, self.impl, self.pruning = decoder, plan, cross, implementation, pruning
 
     def start(
         self,
@@ -67,6 +74,8 @@ class PlanExecutor:
         """Run ``layers`` (in order) on ``state``; ``executes [B, num_layers]``: does the SA run for the sample."""
         for index in layers:
             layer, role = self.decoder.layers[index], self.plan.roles[index]
+            if self.pruning is not None and not state.past:
+                self.pruning.before_layer(state, index, layer)
             run_sa = executes[:, index] if role == SELF else torch.zeros_like(executes[:, index])
             if state.past:
                 # Decoding: each layer attends over whatever its cache holds for each sample, so the
@@ -82,8 +91,8 @@ class PlanExecutor:
     def finish(self, state: _State) -> torch.Tensor:
         """Merged hidden states ``[B, L, D]`` after the last layer; the cache counts the new tokens."""
         if state.cache is not None:
-            state.cache.seen += state.visual_mask.shape[1]
-        return state.merged()
+            state.cache.seen += state.length
+        return state.restored()
 
     def run(self, hidden, position_ids, attention_mask, visual_mask, segments, executes, cache=None) -> torch.Tensor:
         """Every layer under one fixed ``executes`` table: :meth:`start`, :meth:`run_layers`, :meth:`finish`."""
@@ -104,6 +113,8 @@ class _State:
         self.attention_mask = attention_mask
         self.new_mask = attention_mask[:, past:]
         self.visual_mask, self.segments = visual_mask, segments
+        self.length = visual_mask.shape[1]  # tokens of the input, whatever pruning keeps
+        self.origin: torch.Tensor | None = None  # [B, L'] input position of each slot, once pruned
         self._layout: Layout | None = None
         self._cache: dict[str, object] = {}
 
@@ -161,6 +172,34 @@ class _State:
             base = scatter_tokens(base, self.layout.visual_index, self.V)
             self.H = scatter_tokens(base, self.layout.text_index, self.T)
         return self.H
+
+    def restored(self) -> torch.Tensor:
+        """Merged states in the input's layout ``[B, L, D]``: pruned visual positions are zero."""
+        merged = self.merged()
+        if self.origin is None:
+            return merged
+        base = merged.new_zeros(merged.shape[0], self.length, merged.shape[-1])
+        return scatter_tokens(base, self.origin, merged)
+
+    def keep_visual(self, slots: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Keep each sample's text and visual-stream slots ``slots [B, K]`` (-1 padded); drop the other
+        visual tokens from every later layer (prefill only). Tokens keep their rotary positions."""
+        lay = self.layout
+        kept = slots >= 0
+        positions = gather_tokens(lay.visual_index, slots.clamp_min(0))  # sequence position of each kept slot
+        real = self.new_mask.bool()
+        keep = real & ~self.visual_mask
+        keep = scatter_tokens(keep, torch.where(kept, positions, self.visual_mask.shape[1]), kept) | keep
+        index, valid = compact(keep)
+        self.H = gather_tokens(self.merged(), index)
+        self.T = self.V = None
+        self.positions = gather_positions(self.positions, index)
+        self.visual_mask = gather_tokens(self.visual_mask, index) & valid
+        self.segments = torch.where(valid, gather_tokens(self.segments, index), -1)
+        origin = index if self.origin is None else gather_tokens(self.origin, index)
+        self.origin = torch.where(valid, origin, self.length)
+        self.attention_mask = self.new_mask = valid.long()
+        self._layout, self._cache = None, {}
 
     def split(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.T is None:

@@ -18,6 +18,8 @@ this object holds references to them and owns the behaviour.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +29,8 @@ from ..modules.cache import KVCache
 from .cross_attention import CrossAttention
 from .executor import PlanExecutor
 from .plan import LayerPlan
+from .pruning import Pruning
+from .reduction import Reducer
 from .request import LayerRequest, VisorReport, layer_mask
 from .router import ConfigurationRouter, route_configs
 from .streams import compact, gather_tokens, scatter_tokens
@@ -117,17 +121,21 @@ class VisorLanguageModel:
         return labels.masked_fill(visual | after_visual, -100)
 
     # -- the decoder pass ------------------------------------------------------------------------
-    def executor(self) -> PlanExecutor:
-        return PlanExecutor(self.decoder, self.plan, self.cross_attention, self.cfg.attn_implementation)
+    def executor(self, reducers: Sequence[Reducer] = ()) -> PlanExecutor:
+        """An executor for one pass; ``reducers``: in-LLM token reduction (FastV, PyramidDrop) to apply."""
+        pruning = Pruning(reducers, self.plan.num_layers) if reducers else None
+        return PlanExecutor(self.decoder, self.plan, self.cross_attention, self.cfg.attn_implementation, pruning)
 
     def forward(self, embeds, position_ids, attention_mask, visual_mask, segments, routing_mask,
-                request: LayerRequest, cache: KVCache | None = None) -> tuple[torch.Tensor, VisorReport]:
+                request: LayerRequest, cache: KVCache | None = None,
+                reducers: Sequence[Reducer] = ()) -> tuple[torch.Tensor, VisorReport]:
         """Run the decoder under ``request``; returns ``(hidden [B, L, D], what ran)``.
 
         A decode step (``cache.seen > 0``) keeps the prefill's configuration: every layer attends
-        over what its cache holds, so the request is not consulted again.
+        over what its cache holds, so the request is not consulted again. ``reducers`` (in-LLM token
+        reduction) prune visual tokens during the prefill (:mod:`visorlib.visor.pruning`).
         """
-        executor = self.executor()
+        executor = self.executor(reducers)
         state = executor.start(embeds, position_ids, attention_mask, visual_mask, segments, cache)
         table = request.mask(self.plan.num_layers, embeds.device)
         if not request.routed or state.past:

@@ -216,6 +216,7 @@ class LlavaOnevision(VisionLanguageModel):
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
         sa_layers: object = None,
+        token_reduction: object = None,
     ) -> ModelOutput:
         """Logits for a (possibly left-padded) batch.
 
@@ -233,7 +234,12 @@ class LlavaOnevision(VisionLanguageModel):
             sa_layers: VISOR configuration: None (the card's default), ``"all"``, ``"router"``, a list
                 of SA layers, or one list per sample. A dense model accepts only None or ``"all"``.
                 Ignored after the prefill: decode steps keep the prefill's configuration.
+            token_reduction: Token reduction for the prefill (``docs/token-reduction.md``): a dict
+                ``{"method": NAME, "keep": K, ...}`` or a list of them; None uses the card's.
         """
+        pre_llm, in_llm = self.reducers(token_reduction)
+        if pre_llm:
+            raise NotImplementedError("pre-LLM token reduction is being wired into LLaVA-OneVision")
         embedded = self.embed_inputs(input_ids, cache, pixel_values, image_sizes, pixel_values_videos, batch_num_images)
         return self.run_language_model(input_ids, embedded, attention_mask, position_ids, labels, cache, logits_to_keep,
-                                       sa_layers)
+                                       sa_layers, in_llm)

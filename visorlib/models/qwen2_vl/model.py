@@ -42,6 +42,7 @@ from ...modules.cache import KVCache
 from ...modules.layers import positions_from_mask
 from ...registry import build_vision_tower
 from ...validation import require_tensor
+from ...visor.reduction import ReductionSpecError
 from ..base import Embedded, InputError, Media, ModelOutput, VisionLanguageModel
 from .vision import PatchMerger
 
@@ -204,7 +205,8 @@ class Qwen2VL(VisionLanguageModel):
                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
                 pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                cache: KVCache | None = None, logits_to_keep: int = 0, sa_layers: object = None) -> ModelOutput:
+                cache: KVCache | None = None, logits_to_keep: int = 0, sa_layers: object = None,
+                token_reduction: object = None) -> ModelOutput:
         """Logits for a (possibly left-padded) batch: the contract of :meth:`LlavaOnevision.forward`.
 
         ``attention_mask``, ``labels``, ``cache``, ``logits_to_keep`` and ``sa_layers`` mean what
@@ -219,6 +221,12 @@ class Qwen2VL(VisionLanguageModel):
             position_ids: ``[3, B, L]`` (or ``[B, L]``, the same on all axes); default: M-RoPE
                 positions computed from the grids, padding skipped, continued across decode steps.
         """
+        pre_llm, in_llm = self.reducers(token_reduction)
+        if pre_llm:
+            raise ReductionSpecError(
+                f"token_reduction: {pre_llm[0].name} is a pre-LLM method, which needs a tiled vision tower whose "
+                "attention it can read; Qwen2-VL's tower has no tiles and merges patches 2x2 before the decoder. "
+                "In-LLM methods (fastv, pyramiddrop) work with this family")
         embedded = self.embed_inputs(input_ids, cache, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         return self.run_language_model(input_ids, embedded, attention_mask, position_ids, labels, cache, logits_to_keep,
-                                       sa_layers)
+                                       sa_layers, in_llm)

@@ -1,7 +1,7 @@
 """In-LLM token reduction: which visual tokens survive at which decoder layer.
 
 Both methods drop visual tokens inside the language model, scored by how much chosen text
-queries attend to them (:func:`~visorlib.reduction.scores.query_attention`):
+queries attend to them (:func:`~visorlib.visor.reduction.scores.query_attention`):
 
 - **FastV** (scores of the *last* token of the prompt, read from the attention of layer K-1; the
   tokens kept from layer K on). Why the last token: the FastV paper motivates the rule with the
@@ -130,7 +130,7 @@ def fastv_select(scores: torch.Tensor, valid: torch.Tensor, spec: FastV, num_lay
     """FastV's kept visual slots from the last prompt token's attention at layer ``spec.layer - 1``.
 
     Args:
-        scores: ``[B, V]`` :func:`~visorlib.reduction.scores.query_attention` of the last token.
+        scores: ``[B, V]`` :func:`~visorlib.visor.reduction.scores.query_attention` of the last token.
         valid: ``[B, V]`` visual-slot validity.
         spec: FastV parameters.
         num_layers: Decoder depth (for the layer check).

@@ -1,7 +1,7 @@
 """Pre-LLM token reduction: pure tensor functions on one batch of tiles ``[N, T, D]``.
 
 Each function takes the tiles' features (the vision tower's output, before the projector) and
-the scores its rule reads (see :mod:`visorlib.reduction.scores`), and returns a :class:`Reduced`:
+the scores its rule reads (see :mod:`visorlib.visor.reduction.scores`), and returns a :class:`Reduced`:
 the kept or merged features, the index of the tile token each output row comes from, and the
 number of rows per tile. VisionZip, VisPruner and pooling keep the same number of rows in every
 tile, so a batch stays one dense tensor; HiRED gives tiles different counts and pads.
@@ -56,7 +56,7 @@ def visionzip(features: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, 
 
     Args:
         features: ``[N, T, D]`` tile features.
-        scores: ``[N, T]`` mean attention received (:func:`~visorlib.reduction.scores.received_attention`).
+        scores: ``[N, T]`` mean attention received (:func:`~visorlib.visor.reduction.scores.received_attention`).
         keys: ``[N, T, dk]`` keys of the scoring layer, averaged over heads.
         spec: The method's parameters.
     """
@@ -287,7 +287,7 @@ def apply_pre_llm(
     tiles_per_image: Sequence[int] | None = None,
     grids: Sequence[tuple[int, int]] | None = None,
 ) -> Reduced:
-    """Run a pre-LLM reducer, reading its scores from a :class:`~visorlib.reduction.scores.TowerAttentionCapture`.
+    """Run a pre-LLM reducer, reading its scores from a :class:`~visorlib.visor.reduction.scores.TowerAttentionCapture`.
 
     Args:
         spec: A pre-LLM reducer.

@@ -22,8 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..config import ConfigError
-from ..validation import InputError
+from ...config import ConfigError
+from ...validation import InputError
 
 PRE_LLM = "pre_llm"
 IN_LLM = "in_llm"
