@@ -8,6 +8,7 @@ Quick start::
     processor = visorlib.processor_for(model)
 """
 
+from . import compat
 from .config import ConfigError, ModelConfig
 from .flops import flops
 from .hub import CheckpointError
@@ -17,6 +18,8 @@ from .models.qwen2_vl import Qwen2VLProcessor
 from .zoo import build, from_pretrained, get_config, list_models, processor_for, visorize
 
 __version__ = "0.1.0"
+
+compat.install()  # old module paths (visorlib.blocks, visorlib.backbones, ...) keep importing
 
 __all__ = [
     "CheckpointError",
