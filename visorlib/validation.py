@@ -1,7 +1,7 @@
 """Checks of model inputs, shared by ``forward``, ``generate`` and the processors.
 
 Every check here runs in one place for every entry point: the models call them from
-:class:`~visorlib.models.base.MultimodalMixin` (``generate`` goes through ``forward``), the
+:class:`~visorlib.models.base.VisionLanguageModel` (``generate`` goes through ``forward``), the
 processors from :func:`~visorlib.processing.image.to_chw_tensor`. A failed check raises
 :class:`InputError` with a message that names the argument and the sample or image, never a
 bare torch error.

@@ -10,8 +10,10 @@ Two on-disk layouts load:
 * **Apple's original** (``model_type: llava_qwen2``, ``apple/FastVLM-0.5B``): ``model.embed_tokens``,
   ``model.layers``, ``model.norm``, ``lm_head``, ``model.mm_projector.{0,2}`` (the ``mlp2x_gelu``
   Sequential: Linear, GELU, Linear) and ``model.vision_tower.vision_tower.model.<MobileCLIP FastViT>``,
-  whose module names predate timm's (a flat ``network`` list instead of ``stages``). The tables
-  below are every rename; :func:`apple_fastvit_key_map` applies them.
+  whose module names predate timm's (a flat ``network`` list instead of ``stages``). timm's own
+  :func:`timm.models.fastvit.checkpoint_filter_fn` (written for Apple's MobileCLIP checkpoints)
+  does most of that tower's renaming; :func:`apple_fastvit_key_map` adds the two folded
+  convolutions it does not know.
 
 Only re-parameterised towers exist in either layout (FastVLM ships ``inference_mode=True``).
 """
@@ -24,35 +26,36 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.models.fastvit import checkpoint_filter_fn
 
 from ...config import ConfigError, ImageProcessingConfig, ModelConfig, TokensConfig, VisionConfig
+from ...hub import CheckpointError
+from ...modules.convert import TIED_LM_HEAD, qwen2_decoder_config, rename_keys, require_value
 from ...registry import resolve_vision
-from ..llava_onevision.convert import convert_llava_onevision_state, decoder_config_from_hf
+from ..llava_onevision.convert import TEXT_DEFAULTS, convert_llava_onevision_state
 
-# Apple layout, outside the vision tower: (pattern, replacement), first match wins.
+# Apple layout, outside the vision tower: (pattern, replacement), applied in order.
 APPLE_FASTVLM_KEYS: list[tuple[str, str]] = [
     (r"^model\.mm_projector\.0\.", "projector.linear_1."),
     (r"^model\.mm_projector\.2\.", "projector.linear_2."),
-    (r"^model\.vision_tower\.vision_tower\.model\.", "vision_tower.timm_model."),
     (r"^model\.", "decoder."),
     (r"^lm_head\.", "decoder.lm_head."),
 ]
 APPLE_TOWER_PREFIX = "model.vision_tower.vision_tower.model."
 
-# Apple's MobileCLIP FastViT -> timm FastViT module names, applied in order to tower-relative keys
-# (after the network index has become a stage, see apple_fastvit_key_map).
-APPLE_FASTVIT_RENAMES: list[tuple[str, str]] = [
-    (r"^patch_embed\.", "stem."),
-    (r"^conv_exp\.", "final_conv."),
-    (r"\.se\.reduce\.", ".se.fc1."),
-    (r"\.se\.expand\.", ".se.fc2."),
-    (r"\.convffn\.", ".mlp."),
+# What timm's checkpoint_filter_fn leaves for a re-parameterised tower (it was written for the
+# training-time branches): the folded large-kernel conv of each downsampling, and the folded
+# positional conv, which it files under ``blocks`` instead of ``pos_emb``. The last rule keeps
+# the rest of timm's names and makes anything else an unrecognised key.
+APPLE_FASTVIT_LEFTOVERS: list[tuple[str, str]] = [
     (r"\.lkb_reparam\.", ".reparam_conv."),
-    (r"\.layer_scale(_[12])?$", r".layer_scale\1.gamma"),
+    (r"^(stages\.\d+\.)blocks\.reparam_conv\.", r"\1pos_emb.reparam_conv."),
+    (r"^(stem|stages|final_conv)\.", r"\1."),
 ]
 # Unused by FastVLM: MobileCLIP's image-text projection (``head.proj``).
-APPLE_IGNORED_TOWER_KEYS = re.compile(r"^head\.")
-_NETWORK = re.compile(r"^network\.(\d+)\.(\d+\.|proj\.|reparam_conv\.)")
+APPLE_IGNORED_TOWER_PREFIX = "head."
+# Training-time (un-folded) branches: FastVLM ships folded towers, and only those are built.
+_UNFOLDED = re.compile(r"\.(rbr_conv|rbr_scale|rbr_skip|lkb_origin|pe)\.")
 
 
 def apple_fastvit_key_map(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -60,38 +63,20 @@ def apple_fastvit_key_map(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
     Apple keeps one flat ``network`` list: a stage's blocks (``network.N.<block>.``), then the next
     stage's downsampling (``network.N.proj.``) and, for attention stages, its positional
-    convolution (``network.N.reparam_conv.``). timm groups each stage's downsampling, positional
-    convolution and blocks under ``stages.<i>``; a new stage starts at the first non-block entry
-    after a run of blocks.
+    convolution (``network.N.reparam_conv.``). timm's filter regroups them under ``stages.<i>``
+    (a stage starts at each downsampling) and renames the modules; the leftovers table above
+    finishes the folded convolutions.
+
+    Raises:
+        CheckpointError: for an un-folded tower or keys a FastViT does not have.
     """
-    kinds: dict[int, str] = {}
-    for key in state:
-        match = _NETWORK.match(key)
-        if match:
-            kinds[int(match.group(1))] = "blocks" if match.group(2)[0].isdigit() else match.group(2)[:-1]
-        elif key.startswith("network."):
-            raise KeyError(f"unrecognised FastViT key {key!r} (only re-parameterised towers are supported)")
-    stage_of, stage, previous = {}, 0, None
-    for index in sorted(kinds):
-        if kinds[index] != "blocks" and previous == "blocks":
-            stage += 1
-        stage_of[index], previous = stage, kinds[index]
-    where = {"blocks": "blocks.", "proj": "downsample.proj.", "reparam_conv": "pos_emb.reparam_conv."}
-    out = {}
-    for key, value in state.items():
-        if APPLE_IGNORED_TOWER_KEYS.match(key):
-            continue
-        match = _NETWORK.match(key)
-        if match:
-            index, rest = int(match.group(1)), key[match.end(1) + 1:]
-            kind = kinds[index]
-            if kind != "blocks":
-                rest = rest[len(kind) + 1:]
-            key = f"stages.{stage_of[index]}.{where[kind]}{rest}"
-        for pattern, repl in APPLE_FASTVIT_RENAMES:
-            key = re.sub(pattern, repl, key)
-        out[key] = value
-    return out
+    unfolded = sorted(key for key in state if _UNFOLDED.search(key))
+    if unfolded:
+        raise CheckpointError(f"Apple FastViT tower: {unfolded[0]!r} is a training-time branch; only "
+                              "re-parameterised towers (inference_mode) are supported")
+    # Dropped first: timm's filter would consult the model's classifier for the projection.
+    kept = {key: value for key, value in state.items() if not key.startswith(APPLE_IGNORED_TOWER_PREFIX)}
+    return rename_keys(checkpoint_filter_fn(kept, None), APPLE_FASTVIT_LEFTOVERS, source="Apple FastViT tower")
 
 
 def convert_fastvlm_state(state: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
@@ -100,20 +85,15 @@ def convert_fastvlm_state(state: dict[str, torch.Tensor], tied: bool) -> dict[st
     Args:
         state: Tensors keyed in either layout (detected from the keys).
         tied: Whether the LM head shares the embedding matrix (a stored ``lm_head`` is then dropped).
+
+    Raises:
+        CheckpointError: for keys neither layout has.
     """
     if not any(k.startswith(("model.mm_projector.", APPLE_TOWER_PREFIX)) for k in state):
         return convert_llava_onevision_state(state, tied, vision_map=dict)
-    out, tower = {}, {}
-    for key, value in state.items():
-        if key.startswith(APPLE_TOWER_PREFIX):
-            tower[key[len(APPLE_TOWER_PREFIX):]] = value
-            continue
-        for pattern, repl in APPLE_FASTVLM_KEYS:
-            new = re.sub(pattern, repl, key)
-            if new != key:
-                break
-        if not (tied and new == "decoder.lm_head.weight"):
-            out[new] = value
+    tower = {key[len(APPLE_TOWER_PREFIX):]: value for key, value in state.items() if key.startswith(APPLE_TOWER_PREFIX)}
+    rest = {key: value for key, value in state.items() if not key.startswith(APPLE_TOWER_PREFIX)}
+    out = rename_keys(rest, APPLE_FASTVLM_KEYS, ignored=(TIED_LM_HEAD,) if tied else (), source="Apple FastVLM checkpoint")
     out.update({"vision_tower.timm_model." + k: v for k, v in apple_fastvit_key_map(tower).items()})
     return out
 
@@ -153,38 +133,32 @@ def fastvlm_config_from_hf(hf: dict[str, Any], source: str = "config.json", name
         ConfigError: for options visorlib does not implement (named in the message).
     """
     model_type = hf.get("model_type")
-    tied = bool(hf.get("tie_word_embeddings") or (hf.get("text_config") or {}).get("tie_word_embeddings"))
+    require_value(source, "model_type", model_type, ("fast_vlm", "llava_qwen2"))
     if model_type == "fast_vlm":
         text, vision = hf.get("text_config") or {}, hf.get("vision_config") or {}
-        if text.get("model_type", "qwen2") != "qwen2":
-            raise ConfigError(f"{source}: text_config.model_type {text.get('model_type')!r} is not supported (qwen2 only)")
-        if vision.get("model_type", "timm_wrapper") != "timm_wrapper":
-            raise ConfigError(f"{source}: vision_config.model_type {vision.get('model_type')!r} is not supported")
+        require_value(source, "text_config.model_type", text.get("model_type", "qwen2"), ("qwen2",))
+        require_value(source, "vision_config.model_type", vision.get("model_type", "timm_wrapper"), ("timm_wrapper",))
         for key, expected in (("vision_feature_layer", -1), ("vision_feature_select_strategy", "full"),
                               ("projector_hidden_act", "gelu"), ("multimodal_projector_bias", True)):
-            if hf.get(key, expected) != expected:
-                raise ConfigError(f"{source}: {key}={hf[key]!r} is not supported (only {expected!r})")
+            require_value(source, key, hf.get(key, expected), (expected,))
         timm_kwargs = dict(vision.get("model_args") or {})
-        if not timm_kwargs.pop("inference_mode", False):
-            raise ConfigError(f"{source}: vision_config.model_args must set inference_mode: true (re-parameterised)")
+        # Missing means timm's default, the training-time (un-folded) network.
+        require_value(source, "vision_config.model_args.inference_mode", timm_kwargs.pop("inference_mode", False), (True,))
         timm_model, feature_width = vision.get("architecture", "fastvit_mci3"), vision.get("hidden_size")
-        decoder = decoder_config_from_hf(text, tied, source)
         image_token = hf.get("image_token_index", hf.get("image_token_id", TokensConfig().image_token_id))
         default_size = 1024
-    elif model_type == "llava_qwen2":
+    else:
         tower = re.fullmatch(r"mobileclip_l_(\d+)", str(hf.get("mm_vision_tower")))
         if tower is None:
             raise ConfigError(f"{source}: mm_vision_tower {hf.get('mm_vision_tower')!r} is not FastVLM's (mobileclip_l_<px>)")
         for key, expected in (("mm_projector_type", "mlp2x_gelu"), ("image_aspect_ratio", "pad"),
                               ("mm_patch_merge_type", "flat")):
-            if hf.get(key, expected) != expected:
-                raise ConfigError(f"{source}: {key}={hf[key]!r} is not supported (only {expected!r})")
+            require_value(source, key, hf.get(key, expected), (expected,))
         timm_model, timm_kwargs, feature_width = "fastvit_mci3", {}, hf.get("mm_hidden_size")
-        decoder = decoder_config_from_hf(hf, tied, source)
         image_token = hf.get("image_token_index", TokensConfig().image_token_id)
         default_size = int(tower.group(1))
-    else:
-        raise ConfigError(f"{source}: model_type {model_type!r} is not FastVLM ('fast_vlm' or 'llava_qwen2')")
+    # Both layouts hold Qwen2-0.5B: nested in text_config (transformers) or flat (Apple).
+    decoder = qwen2_decoder_config(hf, source, TEXT_DEFAULTS)
     folder = Path(source).parent
     image_size, processing = _image_processing(folder, default_size) if folder.is_dir() else (
         default_size, ImageProcessingConfig(image_mean=[0.0] * 3, image_std=[1.0] * 3, aspect_mode="pad"))
@@ -194,14 +168,7 @@ def fastvlm_config_from_hf(hf: dict[str, Any], source: str = "config.json", name
                                                  timm_kwargs=timm_kwargs, **extra))
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from err
-    return ModelConfig(
-        name=name or hf.get("_name_or_path") or "fastvlm",
-        family="fast_vlm",
-        description="converted from a FastVLM checkpoint",
-        vision=vision_cfg,
-        decoder=decoder,
-        projector_act="gelu",
-        use_image_newline=False,
-        processing=processing,
-        tokens=TokensConfig(image_token_id=image_token),
-    )
+    return ModelConfig(name=name or hf.get("_name_or_path") or "fastvlm", family="fast_vlm",
+                       description="converted from a FastVLM checkpoint", vision=vision_cfg, decoder=decoder,
+                       projector_act="gelu", use_image_newline=False, processing=processing,
+                       tokens=TokensConfig(image_token_id=image_token))

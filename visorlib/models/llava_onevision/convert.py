@@ -11,23 +11,25 @@ Three on-disk layouts of LLaVA-OneVision exist and all load:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ...config import (
-    ConfigError,
-    DecoderConfig,
-    ImageProcessingConfig,
-    ModelConfig,
-    TokensConfig,
-    VisionConfig,
+from ...config import DecoderConfig, ImageProcessingConfig, ModelConfig, TokensConfig, VisionConfig
+from ...modules.convert import (
+    TIED_LM_HEAD,
+    check_rope_types,
+    qwen2_decoder_config,
+    rename_keys,
+    require_value,
 )
 from .siglip import siglip_key_map
 
-# (pattern, replacement) applied in order to every Hugging Face key.
+__all__ = ["HF_LLAVA_ONEVISION_KEYS", "check_rope_types", "config_from_hf", "convert_llava_onevision_state",
+           "decoder_config_from_hf"]
+
+# (pattern, replacement) applied in order to every Hugging Face key (see rename_keys).
 HF_LLAVA_ONEVISION_KEYS: list[tuple[str, str]] = [
     (r"^model\.(language_model|vision_tower|multi_modal_projector|image_newline)", r"\1"),
     (r"^language_model\.model\.", "decoder."),
@@ -36,11 +38,18 @@ HF_LLAVA_ONEVISION_KEYS: list[tuple[str, str]] = [
     (r"^language_model\.", "decoder."),
     (r"^vision_tower\.(vision_model\.)?", "vision_tower."),
     (r"^multi_modal_projector\.", "projector."),
+    (r"^image_newline$", "image_newline"),
 ]
 
 # Present in some checkpoints but not part of LLaVA-OneVision's computation: SigLIP's attention
 # pooling head (built when ``vision_use_head`` is true) is never used for the visual tokens.
-HF_IGNORED_KEYS = re.compile(r"^vision_tower\.head\.")
+HF_IGNORED_KEYS = (r"^vision_tower\.head\.",)
+
+# The language model's values for keys a config.json omits (LLaVA-OneVision-0.5B's Qwen2).
+TEXT_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=152000, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+    rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=32768,
+)
 
 
 def convert_llava_onevision_state(
@@ -56,19 +65,13 @@ def convert_llava_onevision_state(
             then dropped, as transformers does).
         vision_map: Converts the vision tower's keys (relative to ``vision_tower.``); SigLIP's by
             default. FastVLM, whose transformers layout is otherwise the same, passes ``dict``.
+
+    Raises:
+        CheckpointError: for keys none of the three layouts has.
     """
-    out: dict[str, torch.Tensor] = {}
-    vision: dict[str, torch.Tensor] = {}
-    for key, value in hf_state.items():
-        new = key
-        for pattern, repl in HF_LLAVA_ONEVISION_KEYS:
-            new = re.sub(pattern, repl, new)
-        if HF_IGNORED_KEYS.match(new) or (tied and new == "decoder.lm_head.weight"):
-            continue
-        if new.startswith("vision_tower."):
-            vision[new[len("vision_tower."):]] = value
-        else:
-            out[new] = value
+    ignored = HF_IGNORED_KEYS + ((TIED_LM_HEAD,) if tied else ())
+    out = rename_keys(hf_state, HF_LLAVA_ONEVISION_KEYS, ignored=ignored, source="LLaVA-OneVision checkpoint")
+    vision = {key[len("vision_tower."):]: out.pop(key) for key in list(out) if key.startswith("vision_tower.")}
     out.update({"vision_tower." + k: v for k, v in vision_map(vision).items()})
     return out
 
@@ -79,20 +82,17 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json", name: str | 
     Raises:
         ConfigError: for model types or options visorlib does not implement (named in the message).
     """
-    model_type = hf.get("model_type")
-    if model_type != "llava_onevision":
-        raise ConfigError(f"{source}: model_type {model_type!r} is not supported (supported: 'llava_onevision')")
+    require_value(source, "model_type", hf.get("model_type"), ("llava_onevision",))
     text, vision = hf.get("text_config") or {}, hf.get("vision_config") or {}
-    if text.get("model_type", "qwen2") != "qwen2":
-        raise ConfigError(f"{source}: text_config.model_type {text.get('model_type')!r} is not supported (qwen2 only)")
-    if vision.get("model_type", "siglip_vision_model") != "siglip_vision_model":
-        raise ConfigError(f"{source}: vision_config.model_type {vision.get('model_type')!r} is not supported")
-    for key, expected in (("vision_feature_layer", -1), ("vision_feature_select_strategy", "full")):
-        if hf.get(key, expected) != expected:
-            raise ConfigError(f"{source}: {key}={hf[key]!r} is not supported (only {expected!r})")
-    if vision.get("hidden_act", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
-        raise ConfigError(f"{source}: vision_config.hidden_act {vision['hidden_act']!r} is not supported")
-    decoder = decoder_config_from_hf(text, bool(hf.get("tie_word_embeddings") or text.get("tie_word_embeddings")), source)
+    require_value(source, "text_config.model_type", text.get("model_type", "qwen2"), ("qwen2",))
+    require_value(source, "vision_config.model_type", vision.get("model_type", "siglip_vision_model"),
+                  ("siglip_vision_model",))
+    require_value(source, "vision_feature_layer", hf.get("vision_feature_layer", -1), (-1,))
+    require_value(source, "vision_feature_select_strategy", hf.get("vision_feature_select_strategy", "full"), ("full",))
+    require_value(source, "vision_config.hidden_act", vision.get("hidden_act", "gelu_pytorch_tanh"),
+                  ("gelu_pytorch_tanh", "gelu_tanh"))
+    require_value(source, "multimodal_projector_bias", hf.get("multimodal_projector_bias", True), (True,))
+    decoder = qwen2_decoder_config(hf, source, TEXT_DEFAULTS)
     vision_cfg = VisionConfig(
         image_size=vision.get("image_size", 384),
         patch_size=vision.get("patch_size", 14),
@@ -102,8 +102,6 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json", name: str | 
         num_heads=vision.get("num_attention_heads", 16),
         layer_norm_eps=float(vision.get("layer_norm_eps", 1e-6)),
     )
-    if not hf.get("multimodal_projector_bias", True):
-        raise ConfigError(f"{source}: multimodal_projector_bias=false is not supported")
     act = hf.get("projector_hidden_act", "gelu")
     processing = ImageProcessingConfig(
         grid_pinpoints=[list(p) for p in hf["image_grid_pinpoints"]] if hf.get("image_grid_pinpoints") else None,
@@ -114,65 +112,21 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json", name: str | 
         image_token_id=hf.get("image_token_index", hf.get("image_token_id", defaults.image_token_id)),
         video_token_id=hf.get("video_token_index", hf.get("video_token_id", defaults.video_token_id)),
     )
-    return ModelConfig(
-        name=name or hf.get("_name_or_path") or "llava-onevision",
-        family="llava_onevision",
-        description="converted from a Hugging Face LLaVA-OneVision checkpoint",
-        vision=vision_cfg,
-        decoder=decoder,
-        projector_act={"gelu_pytorch_tanh": "gelu_tanh"}.get(act, act),
-        processing=processing,
-        tokens=tokens,
-    )
-
-
-def check_rope_types(source: str, text: dict[str, Any], allowed: tuple[str, ...]) -> None:
-    """Refuse rotary scaling visorlib does not implement, wherever the config spells it.
-
-    transformers 5 writes ``rope_parameters: {rope_type: ...}``; older files write
-    ``rope_scaling: {type: ...}`` (or ``rope_type``), and transformers still honours those, so a
-    ``rope_scaling: {type: yarn}`` read as plain RoPE would be a silently different model.
-    """
-    for key in ("rope_parameters", "rope_scaling"):
-        rope = text.get(key)
-        if rope is None:
-            continue
-        if not isinstance(rope, dict):
-            raise ConfigError(f"{source}: text_config.{key} must be a mapping or null, got {rope!r}")
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind not in allowed:
-            raise ConfigError(
-                f"{source}: text_config.{key} type {kind!r} is not supported (visorlib implements "
-                f"{' and '.join(map(repr, allowed))} rotary positions only)"
-            )
+    return ModelConfig(name=name or hf.get("_name_or_path") or "llava-onevision", family="llava_onevision",
+                       description="converted from a Hugging Face LLaVA-OneVision checkpoint", vision=vision_cfg,
+                       decoder=decoder, projector_act={"gelu_pytorch_tanh": "gelu_tanh"}.get(act, act),
+                       processing=processing, tokens=tokens)
 
 
 def decoder_config_from_hf(text: dict[str, Any], tied: bool, source: str = "config.json") -> DecoderConfig:
     """A :class:`DecoderConfig` from a Hugging Face Qwen2 ``text_config`` (or a flat Qwen2 config).
 
+    Kept for callers of the earlier API: :func:`visorlib.modules.convert.qwen2_decoder_config`
+    with LLaVA-OneVision's defaults, the tie given explicitly.
+
     Args:
         text: The Qwen2 fields (``hidden_size``, ``num_hidden_layers``, ``rope_parameters`` ...).
         tied: Whether the LM head shares the embedding matrix.
         source: Named in errors.
-
-    Raises:
-        ConfigError: for rotary scaling or head sizes visorlib does not implement.
     """
-    check_rope_types(source, text, ("default",))
-    rope = text.get("rope_parameters") or {}
-    heads = text.get("num_attention_heads", 14)
-    hidden = text.get("hidden_size", 896)
-    if text.get("head_dim", hidden // heads) != hidden // heads:
-        raise ConfigError(f"{source}: text_config.head_dim must equal hidden_size / num_attention_heads")
-    return DecoderConfig(
-        vocab_size=text.get("vocab_size", 152000),
-        hidden_size=hidden,
-        intermediate_size=text.get("intermediate_size", 4864),
-        num_layers=text.get("num_hidden_layers", 24),
-        num_heads=heads,
-        num_kv_heads=text.get("num_key_value_heads", heads),
-        rope_theta=float(text.get("rope_theta", rope.get("rope_theta", 10000.0))),
-        rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=text.get("max_position_embeddings", 32768),
-        tie_word_embeddings=tied,
-    )
+    return qwen2_decoder_config({**text, "tie_word_embeddings": tied}, source, TEXT_DEFAULTS)

@@ -23,6 +23,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ...config import ConfigError, VisionConfig
+from ...modules.convert import rename_keys
 from ...modules.counting import attention_core_flops, linear_flops
 from ...registry import register_vision_tower
 
@@ -120,14 +121,16 @@ def siglip_fields_from_timm(timm_model: str, timm_kwargs: dict) -> dict:
     return fields
 
 
+# Hugging Face SiglipVisionTransformer -> timm VisionTransformer, keys relative to the transformer.
+# q/k/v are not here: they are fused into timm's qkv (see siglip_key_map).
 _SIGLIP_RENAMES = [
-    (r"embeddings\.patch_embedding\.", "patch_embed.proj."),
-    (r"embeddings\.position_embedding\.weight", "pos_embed"),
-    (r"encoder\.layers\.(\d+)\.layer_norm1\.", r"blocks.\1.norm1."),
-    (r"encoder\.layers\.(\d+)\.layer_norm2\.", r"blocks.\1.norm2."),
-    (r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"blocks.\1.attn.proj."),
-    (r"encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
-    (r"post_layernorm\.", "norm."),
+    (r"^embeddings\.patch_embedding\.", "patch_embed.proj."),
+    (r"^embeddings\.position_embedding\.weight$", "pos_embed"),
+    (r"^encoder\.layers\.(\d+)\.layer_norm1\.", r"blocks.\1.norm1."),
+    (r"^encoder\.layers\.(\d+)\.layer_norm2\.", r"blocks.\1.norm2."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"blocks.\1.attn.proj."),
+    (r"^encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
+    (r"^post_layernorm\.", "norm."),
 ]
 _QKV = re.compile(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)")
 
@@ -139,21 +142,23 @@ def siglip_key_map(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     q/k/v projections are concatenated into timm's fused ``qkv``; the position table gains a
     leading batch axis. The pooling head (``head.*``), unused by LLaVA-OneVision, is dropped by
     :func:`visorlib.models.llava_onevision.convert.convert_llava_onevision_state` before this map runs.
+
+    Raises:
+        CheckpointError: for keys a SigLIP vision transformer does not have.
+        KeyError: when a layer lacks one of its q/k/v projections.
     """
-    out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
     for key, value in hf_state.items():
         match = _QKV.fullmatch(key)
         if match:
             layer, which, kind = match.groups()
             qkv.setdefault((layer, kind), {})[which] = value
-            continue
-        new = key
-        for pattern, repl in _SIGLIP_RENAMES:
-            new = re.sub(pattern, repl, new)
-        if new == "pos_embed":
-            value = value.unsqueeze(0)
-        out[new] = value
+        else:
+            rest[key] = value
+    out = rename_keys(rest, _SIGLIP_RENAMES, source="SigLIP vision tower")
+    if "pos_embed" in out:
+        out["pos_embed"] = out["pos_embed"].unsqueeze(0)
     for (layer, kind), parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
             missing = sorted({"q", "k", "v"} - set(parts))

@@ -15,20 +15,12 @@ with ``rope_parameters``. Both are read.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 
-from ...config import (
-    ConfigError,
-    DecoderConfig,
-    ImageProcessingConfig,
-    ModelConfig,
-    TokensConfig,
-    VisionConfig,
-)
-from ..llava_onevision.convert import check_rope_types
+from ...config import ConfigError, ImageProcessingConfig, ModelConfig, TokensConfig, VisionConfig
+from ...modules.convert import TIED_LM_HEAD, qwen2_decoder_config, rename_keys, require_value
 
 # (pattern, replacement), applied in order to every key. The first two fold the in-memory names
 # into the on-disk ones, which the rest map to visorlib's modules.
@@ -43,6 +35,13 @@ HF_QWEN2_VL_KEYS: list[tuple[str, str]] = [
     (r"^visual\.merger\.mlp\.2\.", "projector.linear_2."),
     (r"^visual\.", "vision_tower."),
 ]
+
+# Qwen2VLTextConfig's values for keys a config.json omits (but one KV head per query head when
+# num_key_value_heads is missing, as visorlib always read it).
+TEXT_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
+    rope_theta=1_000_000.0, rms_norm_eps=1e-5, max_position_embeddings=32768, mrope_section=[16, 24, 24],
+)
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -59,22 +58,11 @@ def convert_qwen2_vl_state(hf_state: dict[str, torch.Tensor], tied: bool) -> dic
     The ``Conv3d`` patch embedding ``[C, 3, 2, 14, 14]`` becomes the equivalent linear map
     ``[C, 1176]`` (stride = kernel, so each output reads one flattened patch).
     """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in hf_state.items():
-        new = key
-        for pattern, repl in HF_QWEN2_VL_KEYS:
-            new = re.sub(pattern, repl, new)
-        if tied and new == "decoder.lm_head.weight":
-            continue
-        if new == "vision_tower.patch_embed.weight" and value.dim() == 5:
-            value = value.reshape(value.shape[0], -1)
-        out[new] = value
+    out = rename_keys(hf_state, HF_QWEN2_VL_KEYS, ignored=(TIED_LM_HEAD,) if tied else (), source="Qwen2-VL checkpoint")
+    patch = out.get("vision_tower.patch_embed.weight")
+    if patch is not None and patch.dim() == 5:
+        out["vision_tower.patch_embed.weight"] = patch.reshape(patch.shape[0], -1)
     return out
-
-
-def _require(source: str, key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{source}: {key}={value!r} is not supported (only {', '.join(map(repr, allowed))})")
 
 
 def config_from_hf(hf: dict[str, Any], source: str = "config.json", name: str | None = None) -> ModelConfig:
@@ -87,36 +75,14 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json", name: str | 
     Raises:
         ConfigError: for model types or options visorlib does not implement (named in the message).
     """
-    _require(source, "model_type", hf.get("model_type"), ("qwen2_vl",))
-    # transformers 4.x wrote the language model's keys at the top level; 5.x nests them.
-    text = hf.get("text_config") or hf
+    require_value(source, "model_type", hf.get("model_type"), ("qwen2_vl",))
+    decoder = qwen2_decoder_config(hf, source, TEXT_DEFAULTS, mrope=True)
     vision = hf.get("vision_config") or {}
-    for config in (text, hf):  # transformers 4.x put rope_scaling at the top level
-        check_rope_types(source, config, ("default", "mrope"))
-    ropes = [text.get("rope_parameters"), text.get("rope_scaling"), hf.get("rope_scaling")]
-    rope = next((r for r in ropes if r and "mrope_section" in r), None) or next((r for r in ropes if r), {})
-    _require(source, "use_sliding_window", bool(text.get("use_sliding_window", False)), (False,))
-    _require(source, "text hidden_act", text.get("hidden_act", "silu"), ("silu",))
-    _require(source, "vision hidden_act", vision.get("hidden_act", "quick_gelu"), ("quick_gelu",))
+    require_value(source, "vision_config.hidden_act", vision.get("hidden_act", "quick_gelu"), ("quick_gelu",))
     vision_rope = vision.get("rope_parameters") or {}
-    _require(source, "vision rope_theta", float(vision_rope.get("rope_theta", 10000.0)), (10000.0,))
-    heads = text.get("num_attention_heads", 64)
-    hidden = text.get("hidden_size", 8192)
-    if text.get("head_dim", hidden // heads) != hidden // heads:
-        raise ConfigError(f"{source}: head_dim must equal hidden_size / num_attention_heads")
-    decoder = DecoderConfig(
-        vocab_size=text.get("vocab_size", 152064),
-        hidden_size=hidden,
-        intermediate_size=text.get("intermediate_size", 29568),
-        num_layers=text.get("num_hidden_layers", 80),
-        num_heads=heads,
-        num_kv_heads=text.get("num_key_value_heads") or heads,
-        rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 1_000_000.0))),
-        rms_norm_eps=float(text.get("rms_norm_eps", 1e-5)),
-        max_position_embeddings=text.get("max_position_embeddings", 32768),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings") or text.get("tie_word_embeddings")),
-        mrope_section=list(rope.get("mrope_section", [16, 24, 24])),
-    )
+    require_value(source, "vision_config.rope_parameters.rope_theta", float(vision_rope.get("rope_theta", 10000.0)),
+                  (10000.0,))
+    hidden = decoder.hidden_size
     embed_dim = vision.get("embed_dim", 1280)
     if vision.get("hidden_size", hidden) != hidden:
         raise ConfigError(f"{source}: vision_config.hidden_size {vision['hidden_size']} must equal the decoder width {hidden}")
