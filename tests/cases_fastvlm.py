@@ -1,19 +1,18 @@
 """The FastVLM case of the backbone-agnostic VISOR invariant tests (tests/test_visor.py).
 
-A ``visor_helpers.LlavaCase`` (FastVLM *is* LLaVA-OneVision's assembly) with a tiny 6-layer VISOR
+A ``cases_llava.LlavaCase`` (FastVLM *is* LLaVA-OneVision's assembly) with a tiny 6-layer VISOR
 FastVLM: a FastViT tower at widths 8..128, one padded 128-px tile per image -> 2 x 2 visual
 tokens, no ``image_newline``. Batches use transformers' FastVLM layout (``pixel_values [images,
 3, S, S]``, no ``image_sizes``). Every VISOR invariant is thereby also checked on a convolutional
 tower, with BatchNorm and layer-scale weights the other backbones do not have.
-
-Imported at the end of ``visor_helpers`` (after ``LlavaCase`` exists), not the other way round.
 """
 
 from __future__ import annotations
 
 import torch
+from cases_base import tiny_cfg
+from cases_llava import LlavaCase
 from hf_oracle import left_pad
-from visor_helpers import LlavaCase, tiny_cfg
 
 
 class FastVLMCase(LlavaCase):

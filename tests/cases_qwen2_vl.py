@@ -1,6 +1,6 @@
 """The Qwen2-VL case of the backbone-agnostic VISOR invariant tests (tests/test_visor.py).
 
-Same methods as ``visor_helpers.LlavaCase``: a tiny 6-layer VISOR Qwen2-VL, one-image samples in
+Same methods as ``cases_llava.LlavaCase``: a tiny 6-layer VISOR Qwen2-VL, one-image samples in
 three shapes, left-padded batches with flattened patches + ``image_grid_thw``, and one sample cut
 back out of a batch. Its positions are M-RoPE's ``[3, B, L]``, so every invariant is also checked
 with visual tokens whose rotary positions are not their sequence positions.
@@ -9,27 +9,24 @@ with visual tokens whose rotary positions are not their sequence positions.
 from __future__ import annotations
 
 import torch
+from cases_base import ROUTING, tiny_cfg
 from hf_oracle import left_pad
 
 from visorlib.models.qwen2_vl import Qwen2VLProcessor
 
 
 class Qwen2VLCase:
-    """Drives the VISOR invariant tests for Qwen2-VL (see ``visor_helpers.LlavaCase``)."""
+    """Drives the VISOR invariant tests for Qwen2-VL (see ``cases_llava.LlavaCase``)."""
 
     name = "qwen2_vl"
     sizes = [(60, 90), (45, 200), (30, 30)]  # -> patch grids 10x16, 6x32, 4x4 at the tiny card's 12-px unit
     text = [(3, 5), (1, 2), (6, 4)]
 
     def tiny_cfg(self, **visor):
-        from visor_helpers import tiny_cfg
-
         return tiny_cfg(card="qwen2-vl-2b", **visor)
 
     def sample(self, model, variant=0, routing=True, seed=0):
         """One row ``(ids, grid)``: text, an image's visual tokens, a question, maybe a routing token."""
-        from visor_helpers import ROUTING
-
         processor = Qwen2VLProcessor(model.cfg)
         grid = processor._grid(*self.sizes[variant], frames=1)
         before, after = self.text[variant]

@@ -369,3 +369,32 @@ def test_mistyped_local_checkpoint_folder_is_not_sent_to_the_hub(tmp_path, monke
     for value in ("./ckpt", "ckpt", "a/b/c"):
         with pytest.raises(CheckpointError, match="is neither an existing folder nor a Hugging Face repo id"):
             visorlib.from_pretrained(value)
+
+
+# -- checkpoints saved before the family-folder restructure (tests/fixtures/old-layout/README.md) ---------------
+
+OLD_LAYOUT = Path(__file__).parent / "fixtures" / "old-layout"
+OLD_LAYOUT_FAMILIES = sorted(p.name for p in OLD_LAYOUT.iterdir() if p.is_dir())
+
+
+def test_old_layout_fixtures_are_all_there():
+    # The three families that existed before the restructure; a lost folder must not go unnoticed.
+    assert OLD_LAYOUT_FAMILIES == ["fast_vlm", "llava_onevision", "qwen2_vl"]
+
+
+@pytest.mark.parametrize("family", OLD_LAYOUT_FAMILIES)
+def test_checkpoint_saved_before_the_restructure_loads_and_reproduces_its_logits(family):
+    folder = OLD_LAYOUT / family
+    model = visorlib.from_pretrained(folder, dtype=torch.float32)
+    assert model.cfg.family == family
+    # State-dict names unchanged: every saved tensor lands, bit for bit, on a parameter or buffer
+    # of the same name, and nothing but a tied LM head is left without one.
+    saved, state = load_file(folder / "model.safetensors"), model.state_dict()
+    assert set(state) - set(saved) <= {"decoder.lm_head.weight"} and set(saved) <= set(state)
+    for key, value in saved.items():
+        assert torch.equal(state[key], value.to(state[key].dtype)), key
+    expected = load_file(folder / "expected.safetensors")
+    logits = expected.pop("logits")
+    with torch.no_grad():
+        got = model(**expected, sa_layers=[[1], [1, 2, 4]]).logits
+    assert torch.equal(got, logits)

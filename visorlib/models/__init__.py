@@ -61,6 +61,22 @@ def init_weights(model: nn.Module, std: float = 0.02) -> nn.Module:
     return model
 
 
+def set_train_mode(model: nn.Module) -> nn.Module:
+    """``model.train()``, except that submodules whose parameters are all frozen stay in eval mode.
+
+    A frozen part is a fixed feature extractor: FastViT's BatchNorm layers must not update their
+    running statistics (buffers, saved with the checkpoint) while only other blocks learn, and its
+    dropout, if any, stays off.
+    """
+    model.train()
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        if params and not any(p.requires_grad for p in params) and module.training:
+            if not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+    return model
+
+
 __all__ = ["FAMILIES", "Embedded", "Family", "InputError", "LlavaOnevision", "ModelOutput", "Qwen2VL",
            "VisionLanguageModel", "fast_vlm", "family_for_hf", "family_of", "init_weights", "llava_onevision",
-           "model_class", "qwen2_vl"]
+           "model_class", "qwen2_vl", "set_train_mode"]

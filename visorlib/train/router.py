@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..flops import flops
+from ..models import set_train_mode
 from .data import collate
 
 
@@ -159,7 +160,7 @@ def train_router(model, datasets, labels: dict[tuple[str, int], list[int]], pad_
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     losses = []
-    model.train()
+    set_train_mode(model)  # frozen parts (BatchNorm statistics) stay as they are
     for _ in range(steps):
         chosen = [training[rng.randrange(len(training))] for _ in range(batch_size)]
         logits, targets = _router_logits(model, datasets, index, chosen, pad_id)

@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 from .. import zoo
 from ..config import ConfigError
 from ..hub import atomic_write_json, write_checkpoint
-from ..models import family_of
+from ..models import family_of, set_train_mode
 from .data import BatchPlan, ConversationDataset, SkipMonitor, StepBatches, StepSampler, identity
 from .recipe import Recipe, recipe_differences
 from .runlock import RunDirError, RunLock, check_writable
@@ -318,7 +318,7 @@ class Trainer:
         tokens = self.dist.sum(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)))
         if tokens == 0:
             raise ValueError(f"step {self.step}: the global batch has no supervised tokens")
-        model.train()
+        set_train_mode(model)  # frozen parts (BatchNorm statistics) stay as they are
         loss_sum = 0.0
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=recipe.training.bf16 and self.dist.device.type == "cuda")
         for index, batch in enumerate(batches):
