@@ -57,12 +57,14 @@ class SphinxRolesToAutorefs(griffe.Extension):
         if parts[0] != PACKAGE:
             return None
         obj: Any = self.pkg
-        for part in parts[1:]:
-            members = obj.members if not obj.is_alias else obj.final_target.members
-            obj = members.get(part)
-            if obj is None:
-                return None
         try:
+            # An alias on the way may point outside the package (``:func:`re.sub``` tried as
+            # ``visorlib.modules.convert.re.sub``): it cannot be followed, so the path is not ours.
+            for part in parts[1:]:
+                members = obj.members if not obj.is_alias else obj.final_target.members
+                obj = members.get(part)
+                if obj is None:
+                    return None
             return obj.final_target if obj.is_alias else obj
         except (griffe.AliasResolutionError, griffe.CyclicAliasError):
             return None
