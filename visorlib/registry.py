@@ -40,7 +40,8 @@ class Family:
         processor_class: The input processor class (see :meth:`processor`).
         hf_model_types: ``model_type`` values of Hugging Face ``config.json`` files it loads.
         config_from_hf: ``(hf_config_dict, source, name) -> ModelConfig``.
-        convert_state: ``(hf_state_dict, cfg) -> visorlib state dict``.
+        convert_state: ``(hf_state_dict, tied) -> visorlib state dict`` (``tied``: the card ties the LM head
+            to the embeddings, so a stored ``lm_head`` is dropped); called through :meth:`convert`.
         tiny: ``(cfg, overrides) -> overrides``: how :meth:`~visorlib.config.ModelConfig.tiny` shrinks
             this family, given the generic test-size overrides (for towers with other geometry).
         tower_flops: ``(vision_cfg, tiles) -> FLOPs`` of the vision tower; what ``tiles`` counts is
@@ -55,12 +56,16 @@ class Family:
     processor_class: type
     hf_model_types: tuple[str, ...]
     config_from_hf: Callable[..., ModelConfig]
-    convert_state: Callable[[dict, ModelConfig], dict]
+    convert_state: Callable[..., dict]
     tower_flops: TowerFlops
     projector_flops: Callable[[ModelConfig, Any], float]
     geometry: Callable[[ModelConfig], str]
     tiny: Callable[[ModelConfig, dict[str, Any]], dict[str, Any]] | None = None
     token_packing: bool = True
+
+    def convert(self, state: dict, cfg: ModelConfig) -> dict:
+        """A Hugging Face state dict of this family in visorlib's key layout, for ``cfg``."""
+        return self.convert_state(state, tied=cfg.decoder.tie_word_embeddings)
 
     def processor(self, cfg: ModelConfig, source: Any = None, **kwargs: Any) -> Any:
         """The family's processor for ``cfg``, with the tokenizer of ``source`` (a folder or Hub id) when given."""

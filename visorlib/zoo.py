@@ -159,7 +159,7 @@ def load_weights(model: nn.Module, folder: Path) -> None:
         # Converters rename keys but keep the tensor objects: follow them to name files in errors.
         file_of = {id(tensor): origins[key] for key, tensor in state.items()}
         try:
-            state = family_of(model.cfg).convert_state(state, model.cfg)
+            state = family_of(model.cfg).convert(state, model.cfg)
         except CheckpointError as err:  # the converter knows the layout, not the folder: name it
             raise CheckpointError(f"{folder}: {err}") from err
         origins = {key: file_of.get(id(tensor), folder) for key, tensor in state.items()}

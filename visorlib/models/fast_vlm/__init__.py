@@ -24,9 +24,6 @@ def tiny(cfg: ModelConfig, overrides: dict[str, Any]) -> dict[str, Any]:
                                     "timm_kwargs": {"layers": [1] * 5, "embed_dims": [8, 16, 32, 64, 128]}}}
 
 
-def convert_state(state: dict, cfg: ModelConfig) -> dict:
-    return convert_fastvlm_state(state, tied=cfg.decoder.tie_word_embeddings)
-
 
 FAMILY = register_family(Family(
     name="fast_vlm",
@@ -34,7 +31,7 @@ FAMILY = register_family(Family(
     processor_class=LlavaOnevisionProcessor,
     hf_model_types=("fast_vlm", "llava_qwen2"),
     config_from_hf=fastvlm_config_from_hf,
-    convert_state=convert_state,
+    convert_state=convert_fastvlm_state,
     tower_flops=fastvit_tower_flops,
     projector_flops=projector_flops,
     geometry=tile_geometry,

@@ -30,9 +30,6 @@ def tile_geometry(cfg: ModelConfig) -> str:
     return f"{cfg.vision.image_size}px tiles, {cfg.feature_grid_size ** 2} tokens/tile"
 
 
-def convert_state(state: dict, cfg: ModelConfig) -> dict:
-    return convert_llava_onevision_state(state, tied=cfg.decoder.tie_word_embeddings)
-
 
 FAMILY = register_family(Family(
     name="llava_onevision",
@@ -40,7 +37,7 @@ FAMILY = register_family(Family(
     processor_class=LlavaOnevisionProcessor,
     hf_model_types=("llava_onevision",),
     config_from_hf=config_from_hf,
-    convert_state=convert_state,
+    convert_state=convert_llava_onevision_state,
     tower_flops=siglip_tower_flops,
     projector_flops=projector_flops,
     geometry=tile_geometry,

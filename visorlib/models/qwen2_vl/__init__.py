@@ -29,17 +29,13 @@ def geometry(cfg: ModelConfig) -> str:
     return f"any resolution, {v.patch_size}px patches merged {v.spatial_merge_size}x{v.spatial_merge_size}"
 
 
-def convert_state(state: dict, cfg: ModelConfig) -> dict:
-    return convert_qwen2_vl_state(state, tied=cfg.decoder.tie_word_embeddings)
-
-
 FAMILY = register_family(Family(
     name="qwen2_vl",
     model=Qwen2VL,
     processor_class=Qwen2VLProcessor,
     hf_model_types=("qwen2_vl",),
     config_from_hf=config_from_hf,
-    convert_state=convert_state,
+    convert_state=convert_qwen2_vl_state,
     tower_flops=tower_flops,
     projector_flops=lambda cfg, patches: merger_flops(cfg.vision, patches, cfg.decoder.hidden_size),
     geometry=geometry,
