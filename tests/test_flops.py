@@ -100,3 +100,109 @@ def test_qwen2_vl_flops_match_flop_counter(config, media):
     report = flops(model, n_visual=n_visual, n_text=11, tiles=[h * w] * t, sa_layers=sa_layers)
     assert report.total == pytest.approx(counter.get_total_flops(), rel=0.02)
     assert report.components["vision_tower"] > 0 and report.components["projector"] > 0
+
+
+REDUCERS = [
+    {"method": "visionzip", "keep": 10},
+    {"method": "vispruner", "keep": 12, "step": 2},
+    {"method": "hired", "keep": 0.3},
+    {"method": "pooling", "keep": 0.25},
+    {"method": "fastv", "keep": 0.5, "layer": 2},
+    {"method": "pyramiddrop", "layers": [0, 1, 3], "ratios": [1.0, 0.5, 0.2]},
+    [{"method": "visionzip", "keep": 10}, {"method": "pyramiddrop", "layers": [0, 1, 3], "ratios": [1.0, 0.5, 0.2]}],
+]
+
+
+@pytest.mark.parametrize("spec", REDUCERS, ids=lambda s: "+".join(r["method"] for r in (s if isinstance(s, list) else [s])))
+@pytest.mark.parametrize("config", ["dense", [1, 2], "packed"])
+def test_token_reduction_flops_match_flop_counter(spec, config):
+    """Each reducer alone, under a VISOR plan and under VISOR-TR packing: analytic within 2 % of the counter,
+    with the LLM's visual tokens derived from the tiles exactly as the processor counts them."""
+    from visor_helpers import build, tiny_cfg
+
+    from visorlib.models.llava_onevision import LlavaOnevisionProcessor
+
+    cfg = tiny_cfg(sa_layers=None) if config == "dense" else tiny_cfg(router=False, packing_ratio=2.0 if config == "packed"
+                                                                        else 1.0)
+    model = build(cfg)
+    size = (60, 90)
+    processor = LlavaOnevisionProcessor(model.cfg)
+    n_reduced = processor.num_image_tokens(size, token_reduction=spec)
+    tiles = anyres.num_tiles(size, model.cfg.processing.pinpoints(30), 30)
+    ids = torch.cat([torch.randint(0, 200, (1, 5)), torch.full((1, n_reduced), cfg.tokens.image_token_id),
+                     torch.randint(0, 200, (1, 6))], 1)
+    sa_layers = None if config == "dense" else [1, 2]
+    with flop_counter() as counter:
+        model(ids, pixel_values=torch.randn(1, tiles, 3, 30, 30), image_sizes=torch.tensor([size]), logits_to_keep=1,
+              sa_layers=sa_layers, token_reduction=spec)
+    report = flops(model, n_visual=processor.num_image_tokens(size), n_text=11, tiles=tiles, sa_layers=sa_layers,
+                   token_reduction=spec)
+    assert report.n_visual == n_reduced
+    assert report.total == pytest.approx(counter.get_total_flops(), rel=0.02)
+    unreduced = flops(model, n_visual=processor.num_image_tokens(size), n_text=11, tiles=tiles, sa_layers=sa_layers)
+    assert report.language_model < unreduced.language_model
+
+
+@pytest.mark.parametrize("spec", REDUCERS[:3], ids=lambda s: s["method"])
+def test_tower_scoring_flops_are_exactly_what_the_reducer_computes(spec):
+    """The charged ``vision_scoring`` equals the counter over the reducer alone (tower and projector excluded)."""
+    from visor_helpers import build, tiny_cfg
+
+    from visorlib.flops import pre_llm_scoring_flops
+    from visorlib.visor.reduction import TowerAttentionCapture, apply_pre_llm, parse_reduction, tower_layers
+
+    model = build(tiny_cfg(sa_layers=None))
+    (reducer,) = parse_reduction(spec)
+    pixels = torch.randn(7, 3, 30, 30)
+    with torch.no_grad(), TowerAttentionCapture(model.vision_tower, tower_layers(reducer)) as capture:
+        features = model.vision_tower(pixels)
+    with flop_counter() as counter:
+        apply_pre_llm(reducer, features, capture, [7], [(2, 3)])
+    assert pre_llm_scoring_flops(model.cfg, reducer, 7) == counter.get_total_flops() > 0
+
+
+def test_reduction_flops_at_paper_scale():
+    """7371 visual tokens (10 tiles): the LLM FLOP ratios follow the kept tokens, and scoring stays small."""
+    dense = flops("llava-ov-0.5b", n_visual=7371, n_text=64, tiles=10)
+    zip_ = flops("llava-ov-0.5b", n_visual=7371, n_text=64, tiles=10, token_reduction={"method": "visionzip"})
+    fastv = flops("llava-ov-0.5b", n_visual=7371, n_text=64, tiles=10, token_reduction={"method": "fastv"})
+    assert zip_.n_visual == 10 * 128 + 1 and zip_.visual_per_layer == [1281] * 24
+    assert fastv.visual_per_layer[:2] == [7371, 7371] and fastv.visual_per_layer[2:] == [3686] * 22
+    assert dense.language_model / zip_.language_model == pytest.approx(9.0, abs=0.5)
+    assert zip_.components["vision_scoring"] < 0.01 * zip_.components["vision_tower"]
+    assert fastv.components["decoder_scoring"] < 0.01 * fastv.language_model
+    assert fastv.kv_cache_bytes < dense.kv_cache_bytes and fastv.decode_step < dense.decode_step
+    combo = flops("visor-llava-ov-0.5b", n_visual=7371, n_text=64, tiles=10, sa_layers=[1, 4],
+                  token_reduction={"method": "visionzip"})
+    assert combo.language_model < zip_.language_model
+    with pytest.raises(visorlib.ConfigError, match="tiles"):
+        flops("llava-ov-0.5b", n_visual=7371, n_text=64, token_reduction={"method": "visionzip"})
+
+
+def test_the_docs_flops_table_at_7371_visual_tokens_is_what_flops_computes():
+    """docs/token-reduction.md's table: every row re-computed (visual tokens, LLM TFLOP, saving, scoring, total, KV)."""
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "token-reduction.md").read_text()
+    rows = {
+        "none": ([], "llava-ov-0.5b", None),
+        "`visionzip` (128 per tile)": ({"method": "visionzip"}, "llava-ov-0.5b", None),
+        "`vispruner` (128 per tile)": ({"method": "vispruner"}, "llava-ov-0.5b", None),
+        "`hired` (20 %)": ({"method": "hired"}, "llava-ov-0.5b", None),
+        "`pooling` (8×)": ({"method": "pooling"}, "llava-ov-0.5b", None),
+        "`fastv` (K 2, R 50 %)": ({"method": "fastv"}, "llava-ov-0.5b", None),
+        "`pyramiddrop` (easy)": ({"method": "pyramiddrop"}, "llava-ov-0.5b", None),
+        "`pyramiddrop` (hard)": ({"method": "pyramiddrop", "layers": [0, 4, 10, 16], "ratios": [1.0, 0.5, 0.25, 0.125]},
+                                 "llava-ov-0.5b", None),
+        "`visionzip` then `fastv`": ([{"method": "visionzip"}, {"method": "fastv"}], "llava-ov-0.5b", None),
+        "VISOR 8CA-2SA `[1, 4]`": ([], "visor-llava-ov-0.5b", [1, 4]),
+        "VISOR 8CA-2SA `[1, 4]` + `visionzip`": ({"method": "visionzip"}, "visor-llava-ov-0.5b", [1, 4]),
+    }
+    dense = flops("llava-ov-0.5b", 7371, 64, tiles=10, token_reduction=[]).language_model
+    for label, (spec, card, sa_layers) in rows.items():
+        r = flops(card, 7371, 64, tiles=10, sa_layers=sa_layers, token_reduction=spec)
+        scoring = r.components.get("vision_scoring", 0) + r.components.get("decoder_scoring", 0)
+        line = (f"| {label} | {r.visual_per_layer[0]} | {r.visual_per_layer[-1]} | {sum(r.visual_per_layer) / 24:.0f} | "
+                f"{r.language_model / 1e12:.2f} | {dense / r.language_model:.1f}× | {scoring / 1e9:.1f} | "
+                f"{r.total / 1e12:.2f} | {r.kv_cache_bytes / 2**20:.1f} MiB |").replace("| 0.0 |", "| 0 |")
+        assert line in page, line

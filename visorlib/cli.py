@@ -105,7 +105,15 @@ def default_profile_image():
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
-    from .profiling import format_table, plot_flops_vs_visual_tokens, profile_configurations
+    from .profiling import (
+        format_table,
+        paper_reduction_rows,
+        plot_flops_vs_visual_tokens,
+        profile_configurations,
+        spec_rows,
+    )
+    from .visor.plan import LayerPlan
+    from .visor.reduction import PRE_LLM, ReductionSpecError, parse_reduction
 
     check_output_file(args.json, "--json")
     check_output_file(args.plot, "--plot")
@@ -119,6 +127,22 @@ def cmd_profile(args: argparse.Namespace) -> None:
         image, label = load_image(args.image).convert("RGB"), args.image
     else:
         image, label = default_profile_image(), "embedded 384x384 default image"
+    specs = []
+    for text in args.token_reduction:
+        try:
+            spec = json.loads(text)
+            parsed = parse_reduction(spec, "--token-reduction")
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--token-reduction {text!r} is not JSON ({err.msg}); e.g. "
+                             "'{\"method\": \"visionzip\", \"keep\": 128}'") from err
+        except ReductionSpecError as err:
+            raise UsageError(str(err)) from err
+        specs.append((spec, parsed))
+    pre_llm_ok = family_of(cfg).pre_llm_tokens is not None  # a family that runs pre-LLM methods
+    for spec, parsed in specs:
+        if not pre_llm_ok and any(r.where == PRE_LLM for r in parsed):
+            raise UsageError(f"--token-reduction {json.dumps(spec)}: {cfg.name} runs no pre-LLM method "
+                             "(fastv and pyramiddrop work on every family)")
     if args.plot:
         print(f"wrote {plot_flops_vs_visual_tokens(cfg, args.plot)}")
     dtype = DTYPES[args.dtype]
@@ -136,7 +160,16 @@ def cmd_profile(args: argparse.Namespace) -> None:
     n_visual = int((ids == cfg.tokens.image_token_id).sum())
     size = list(image.size[::-1])
     report = flops(cfg, n_visual=n_visual, n_text=n_text, tiles=tiles)
-    table = profile_configurations(model, ids, vision, tiles, args.repeats, log=log)
+    plan = LayerPlan(cfg.decoder.num_layers, cfg.visor)
+    reductions = paper_reduction_rows(plan, pre_llm_ok, cfg.feature_grid_size**2) if args.paper_reductions else []
+    for spec, _ in specs:
+        reductions += spec_rows(plan, spec)
+
+    def prompt_for(spec):
+        return processor.profile_inputs(image, n_text, token_reduction=spec)[0]
+
+    table = profile_configurations(model, ids, vision, tiles, args.repeats, log=log, reductions=reductions,
+                                   prompt_for=prompt_for)
     result = {
         "model": cfg.name,
         "weights": f"random ({'tiny test-size' if args.tiny else 'real-size'} architecture, no checkpoint)",
@@ -260,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="use the card's tiny test-size variant (smoke test)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--plot", help="also save the FLOPs-vs-visual-tokens plot here (needs matplotlib)")
+    p.add_argument("--token-reduction", action="append", default=[], metavar="JSON",
+                   help="add rows under this token-reduction spec (dense plan, and a VISOR model's smallest "
+                        "configuration), e.g. '{\"method\": \"visionzip\", \"keep\": 128}'; repeatable")
+    p.add_argument("--paper-reductions", action="store_true",
+                   help="add a row per token-reduction method at the paper's settings, and VISOR 2-SA + VisionZip")
     p.set_defaults(func=cmd_profile)
     p = sub.add_parser("train", help="train with a YAML recipe (one process, or under torchrun)")
     p.add_argument("recipe")

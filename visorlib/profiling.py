@@ -4,10 +4,16 @@ The vision tower runs once; the language model is then timed under every configu
 model's layer plan (and under the dense plan, on the same weights), next to the analytic FLOPs
 and KV-cache bytes of :mod:`visorlib.flops`. Timings are wall-clock seconds on whatever device
 the model is on (CUDA is synchronised), best of ``repeats``.
+
+Token-reduction rows (``reductions``; :data:`PAPER_REDUCTIONS` holds each method at the paper's
+settings) run the vision path under their spec (a pre-LLM method changes the visual tokens, and
+its ``vision_seconds`` include the scoring) and the language model with the spec's in-LLM pruning,
+against the same dense row.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +23,46 @@ import torch
 from .flops import flops
 from .visor.executor import PlanExecutor
 from .visor.plan import LayerPlan
+from .visor.pruning import Pruning
+
+#: Each token-reduction method at the paper's settings for LLaVA-OneVision (appendix L; FastV at
+#: its own defaults): ``(label, spec)``.
+PAPER_REDUCTIONS: tuple[tuple[str, dict], ...] = (
+    ("visionzip 128/tile (104+24)", {"method": "visionzip"}),
+    ("vispruner 128/tile (96+32)", {"method": "vispruner"}),
+    ("hired 20%", {"method": "hired"}),
+    ("pooling 8x", {"method": "pooling"}),
+    ("fastv K=2 R=50%", {"method": "fastv"}),
+    ("pyramiddrop easy", {"method": "pyramiddrop"}),
+)
+
+
+def paper_reduction_rows(
+    plan: LayerPlan, pre_llm: bool = True, tile_tokens: int = 729
+) -> list[tuple[str, object, list[int] | None]]:
+    """``(label, spec, sa_layers)`` rows: every method at the paper's settings on the dense plan and,
+    for a VISOR plan, its 2-SA configuration (8CA-2SA for the 0.5B card) with VisionZip (paper §4.4).
+
+    Args:
+        plan: The model's layer plan.
+        pre_llm: Include the pre-LLM methods (False for a family without a pre-LLM path: Qwen2-VL).
+        tile_tokens: Tokens per tile. Tiles smaller than the paper's 128-token budget (tiny test
+            cards) get the same share of a tile instead, 128/729.
+    """
+    def scaled(spec: dict) -> dict:
+        if spec["method"] in ("visionzip", "vispruner") and tile_tokens < 128:
+            return {**spec, "keep": 128 / 729}
+        return spec
+
+    rows: list[tuple[str, object, list[int] | None]] = [
+        (label, scaled(spec), None) for label, spec in PAPER_REDUCTIONS
+        if pre_llm or spec["method"] in ("fastv", "pyramiddrop")
+    ]
+    if pre_llm and not plan.dense and plan.configurations:
+        config = min(plan.configurations, key=len)
+        rows.append((f"{plan.describe(config)} {list(config)} + visionzip", scaled({"method": "visionzip"}),
+                     list(config)))
+    return rows
 
 
 def _sync(device: torch.device) -> None:
@@ -36,6 +82,17 @@ def best_time(fn: Callable[[], object], repeats: int, device: torch.device) -> f
     return best
 
 
+def spec_rows(plan: LayerPlan, spec: object) -> list[tuple[str, object, list[int] | None]]:
+    """Rows for one user spec (``visorlib profile --token-reduction``): the dense plan and, for a VISOR
+    plan, its smallest configuration."""
+    text = json.dumps(spec, separators=(",", ":"))
+    rows: list[tuple[str, object, list[int] | None]] = [(f"dense + {text}", spec, None)]
+    if not plan.dense and plan.configurations:
+        config = min(plan.configurations, key=len)
+        rows.append((f"{plan.describe(config)} {list(config)} + {text}", spec, list(config)))
+    return rows
+
+
 @torch.inference_mode()
 def profile_configurations(
     model,
@@ -45,6 +102,8 @@ def profile_configurations(
     repeats: int = 1,
     configurations: Sequence[Sequence[int]] | None = None,
     log: Callable[[str], None] = lambda _: None,
+    reductions: Sequence[tuple[str, object, Sequence[int] | None]] = (),
+    prompt_for: Callable[[object], torch.Tensor] | None = None,
 ) -> dict:
     """Vision time once, then language-model time and cost for dense and each configuration.
 
@@ -56,11 +115,16 @@ def profile_configurations(
         repeats: Timed runs per row (the best is kept).
         configurations: Rows to measure; default: every configuration of the plan.
         log: Progress callback.
+        reductions: Token-reduction rows ``(label, spec, sa_layers)`` (``sa_layers`` None: the dense
+            plan), after the configuration rows.
+        prompt_for: ``spec -> input_ids`` with the placeholders expanded under ``spec`` (the
+            processor's count); needed when a row's spec has a pre-LLM method.
 
     Returns:
         ``{"vision_seconds", "visual_tokens", "text_tokens", "rows": [...]}``; each row holds the
         configuration, analytic language-model FLOPs, KV-cache bytes (bf16), decode-step FLOPs,
-        measured seconds and the ratios to the dense row.
+        measured seconds and the ratios to the dense row; token-reduction rows add their spec,
+        visual tokens and ``vision_seconds``.
     """
     device = input_ids.device
     log("vision tower + projector ...")
@@ -68,8 +132,6 @@ def profile_configurations(
     embeds, visual_mask, segments = model.embed(input_ids, **vision_inputs)
     n_visual = int(visual_mask.sum())
     n_text = input_ids.shape[1] - n_visual
-    positions = torch.arange(input_ids.shape[1], device=device)[None]
-    mask = torch.ones_like(input_ids)
     plan = model.plan
     rows = [("dense", LayerPlan(plan.num_layers), None)]
     if not plan.dense:
@@ -77,13 +139,37 @@ def profile_configurations(
             rows.append((plan.describe(config) + " " + str(list(config)), plan, list(config)))
     results = []
     warmed = False
-    for label, row_plan, config in rows:
+    jobs = [(label, row_plan, config, None, False) for label, row_plan, config in rows]
+    for label, spec, config in reductions:
+        jobs.append((label, plan if config is not None else LayerPlan(plan.num_layers),
+                     None if config is None else list(config), spec, True))
+    for label, row_plan, config, spec, reduced in jobs:
+        row_ids, row_embeds, row_visual, row_segments, row_visual_n = input_ids, embeds, visual_mask, segments, n_visual
+        extra = {}
+        if reduced:
+            pre_llm = model.reducers(spec)[0]
+            if pre_llm:
+                if prompt_for is None:
+                    raise ValueError(f"row {label!r}: a pre-LLM token reduction needs prompt_for (the reduced prompt)")
+                row_ids = prompt_for(spec).to(device)
+            # Only families with a pre-LLM path (LLaVA-OneVision, FastVLM) take token_reduction in embed.
+            options = {"token_reduction": spec} if pre_llm else {}
+            log(f"vision tower + projector, {label} ...")
+            extra["vision_seconds"] = best_time(lambda ids=row_ids, o=options: model.embed(ids, **vision_inputs, **o),
+                                                repeats, device)
+            row_embeds, row_visual, row_segments = model.embed(row_ids, **vision_inputs, **options)
+            row_visual_n = int(row_visual.sum())
+            extra.update(token_reduction=spec, visual_tokens=row_visual_n)
+        pruning = Pruning(model.reducers(spec)[1], plan.num_layers) if reduced else None
         executes = torch.zeros(1, plan.num_layers, dtype=torch.bool, device=device)
         executes[0, config if config is not None else list(range(plan.num_layers))] = True
-        executor = PlanExecutor(model.decoder, row_plan, model.cross_attention, model.cfg.attn_implementation)
+        executor = PlanExecutor(model.decoder, row_plan, model.cross_attention, model.cfg.attn_implementation, pruning)
+        row_positions = torch.arange(row_ids.shape[1], device=device)[None]
+        row_mask = torch.ones_like(row_ids)
 
-        def run(executor=executor, executes=executes):
-            hidden = executor.run(embeds, positions, mask, visual_mask, segments, executes)
+        def run(executor=executor, executes=executes, e=row_embeds, p=row_positions, m=row_mask, v=row_visual,
+                g=row_segments):
+            hidden = executor.run(e, p, m, v, g, executes)
             return model.decoder.logits(hidden[:, -1:])
 
         if not warmed:  # first calls pay for allocator growth and kernel selection
@@ -91,11 +177,13 @@ def profile_configurations(
             warmed = True
         log(f"language model, {label} ...")
         seconds = best_time(run, repeats, device)
-        report = flops(model.cfg if config is not None else _dense_cfg(model.cfg), n_visual, n_text, tiles,
-                       sa_layers=config)
+        # Under a pre-LLM spec, flops derives the visual tokens from the tiles (the same count as row_visual_n).
+        report = flops(model.cfg if config is not None else _dense_cfg(model.cfg), row_visual_n, n_text, tiles,
+                       sa_layers=config, token_reduction=spec)
         results.append({
             "configuration": label,
             "sa_layers": config,
+            **extra,
             "llm_flops": report.language_model,
             "kv_cache_bytes_bf16": report.kv_cache_bytes,
             "decode_step_flops": report.decode_step,
@@ -125,12 +213,13 @@ def human(n: float, unit: str = "") -> str:
 
 def format_table(profile: dict) -> str:
     """The rows of :func:`profile_configurations` as an aligned text table."""
-    head = f"{'configuration':40s} {'LLM FLOPs':>12s} {'saving':>7s} {'KV (bf16)':>10s} {'KV saving':>9s} " \
+    head = f"{'configuration':40s} {'visual':>7s} {'LLM FLOPs':>12s} {'saving':>7s} {'KV (bf16)':>10s} {'KV saving':>9s} " \
            f"{'LLM time':>9s} {'speedup':>8s}"
     lines = [head, "-" * len(head)]
     for row in profile["rows"]:
         lines.append(
-            f"{row['configuration'][:40]:40s} {human(row['llm_flops'], 'FLOP'):>12s} {row['flop_saving']:6.2f}x "
+            f"{row['configuration'][:40]:40s} {row.get('visual_tokens', profile['visual_tokens']):7d} "
+            f"{human(row['llm_flops'], 'FLOP'):>12s} {row['flop_saving']:6.2f}x "
             f"{human(row['kv_cache_bytes_bf16'], 'B'):>10s} {row['kv_saving']:8.2f}x "
             f"{row['llm_seconds']:8.3f}s {row['speedup']:7.2f}x"
         )

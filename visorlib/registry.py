@@ -49,6 +49,8 @@ class Family:
         projector_flops: ``(cfg, tiles) -> FLOPs`` of the projector / merger.
         geometry: ``cfg -> str``, how the tower cuts images, for ``visorlib info``.
         token_packing: Whether VISOR-TR token packing (``visor.packing_ratio > 1``) is supported.
+        pre_llm_tokens: ``(cfg, reducer, tiles) -> visual tokens`` of images under a pre-LLM token
+            reduction method (the family's reduced layout); None: the family runs no pre-LLM method.
     """
 
     name: str
@@ -62,6 +64,7 @@ class Family:
     geometry: Callable[[ModelConfig], str]
     tiny: Callable[[ModelConfig, dict[str, Any]], dict[str, Any]] | None = None
     token_packing: bool = True
+    pre_llm_tokens: Callable[..., int] | None = None
 
     def convert(self, state: dict, cfg: ModelConfig) -> dict:
         """A Hugging Face state dict of this family in visorlib's key layout, for ``cfg``."""

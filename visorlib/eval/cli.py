@@ -21,6 +21,9 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
                         "task=folder (a save_to_disk copy); repeat for several")
     p.add_argument("--configs", default="default",
                    help="'default', 'all', 'router', 'none' or layer lists like '1,4'; several separated by ';'")
+    p.add_argument("--token-reduction", action="append", default=[], metavar="JSON",
+                   help="also evaluate every configuration under this token-reduction spec, e.g. "
+                        "'{\"method\": \"visionzip\"}' (docs/token-reduction.md); repeat for several")
     p.add_argument("--limit", type=positive_int, help="first N samples of each dataset")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
@@ -45,9 +48,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     import torch
 
-    from ..cli_args import check_device, check_output_file
+    from ..cli_args import UsageError, check_device, check_output_file
+    from ..visor.reduction import ReductionSpecError, parse_reduction
     from .datasets import load_data
     from .runner import evaluate
+
+    reductions = []
+    for text in args.token_reduction:  # bad specs before the data and the model are loaded
+        try:
+            reductions.append(json.loads(text))
+            parse_reduction(reductions[-1], "--token-reduction")
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--token-reduction {text!r} is not JSON ({err.msg})") from err
+        except ReductionSpecError as err:
+            raise UsageError(str(err)) from err
 
     for flag, path in (("--json", args.json), ("--predictions", args.predictions), ("--plot", args.plot)):
         check_output_file(path, flag)  # before the evaluation, not after it
@@ -57,7 +71,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     report = evaluate(args.model, data, configs=args.configs, limit=args.limit, batch_size=args.batch_size,
                       predictions=args.predictions, max_new_tokens=args.max_new_tokens, on_error=args.on_error,
                       mix_configs=args.mix_configs, metric=args.metric, image_root=args.image_root,
-                      device=args.device, dtype=getattr(torch, args.dtype), progress=not args.no_progress)
+                      device=args.device, dtype=getattr(torch, args.dtype), progress=not args.no_progress,
+                      token_reductions=reductions)
     print(report.table())
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))

@@ -36,10 +36,42 @@ ROUTER = "router"
 
 @dataclass(frozen=True)
 class Configuration:
-    """One column of the evaluation: a label and what ``sa_layers`` to run it with."""
+    """One column of the evaluation: a label, what ``sa_layers`` to run it with and its token reduction."""
 
     label: str
     sa_layers: Any  # a list of layers, "all" (a dense model) or "router"
+    token_reduction: Any = None  # a spec (docs/token-reduction.md); None: the card's
+
+    @property
+    def reduction_key(self) -> str:
+        """The spec as text: samples are encoded once per spec (a pre-LLM method changes the prompt)."""
+        return json.dumps(self.token_reduction, sort_keys=True)
+
+
+def with_reductions(columns: list[Configuration], specs: Sequence[Any]) -> list[Configuration]:
+    """``columns``, then every column again under each token-reduction spec (label ``"1,4 + visionzip"``).
+
+    Raises:
+        ReductionSpecError: A bad spec (before any sample is generated).
+    """
+    from ..visor.reduction import parse_reduction
+
+    out = list(columns)
+    for spec in specs:
+        parse_reduction(spec, "--token-reduction")
+        name = reduction_label(spec)
+        out += [Configuration(f"{c.label} + {name}", c.sa_layers, spec) for c in columns]
+    return out
+
+
+def reduction_label(spec: Any) -> str:
+    """``visionzip`` for a method at its defaults, else its keys: ``visionzip(keep=64)``, ``pooling+fastv``."""
+    items = spec if isinstance(spec, (list, tuple)) else [spec]
+    parts = []
+    for item in items:
+        extra = ",".join(f"{k}={v}" for k, v in item.items() if k != "method")
+        parts.append(f"{item['method']}({extra})" if extra else item["method"])
+    return "+".join(parts)
 
 
 def parse_configs(model, spec: str | Sequence[Any] | None) -> list[Configuration]:
@@ -92,9 +124,12 @@ def _label(config: Sequence[int]) -> str:
 # -- encoding and generation (shared with the lmms-eval plugin) --------------------------------------
 
 
-def encode_prompt(processor, question: str, images: Sequence[Any]) -> dict[str, Any]:
-    """One user turn (LLaVA data style, ``<image>`` placeholders) + the generation prompt, unpadded."""
-    sample = processor.encode_turns([("user", question)], images)
+def encode_prompt(processor, question: str, images: Sequence[Any], token_reduction: Any = None) -> dict[str, Any]:
+    """One user turn (LLaVA data style, ``<image>`` placeholders) + the generation prompt, unpadded.
+
+    ``token_reduction``: the spec the model will run (None: the card's), for the placeholder counts.
+    """
+    sample = processor.encode_turns([("user", question)], images, token_reduction=token_reduction)
     sample.pop("labels")
     head = torch.tensor(processor.tokenizer.encode(f"{IM_START}assistant\n"), dtype=torch.long)
     sample["input_ids"] = torch.cat([sample["input_ids"], head])
@@ -126,7 +161,7 @@ class Generated:
 
 @torch.inference_mode()
 def generate_batch(model, processor, encoded: list[dict[str, Any]], sa_layers: Any, max_new_tokens: int,
-                   stop: Sequence[str] = ()) -> list[Generated]:
+                   stop: Sequence[str] = (), token_reduction: Any = None) -> list[Generated]:
     """Greedy answers for a batch of :func:`encode_prompt` outputs.
 
     Args:
@@ -136,6 +171,7 @@ def generate_batch(model, processor, encoded: list[dict[str, Any]], sa_layers: A
         sa_layers: One configuration for all, one list per sample, ``"router"`` or ``"all"``.
         max_new_tokens: Longest answer.
         stop: Strings that end an answer (the text is cut before the first one).
+        token_reduction: The spec to run (None: the card's); ``encoded`` must be counted under it.
     """
     pad = processor.tokenizer.pad_token_id
     batch = left_padded_batch(encoded, model.cfg.tokens.pad_token_id if pad is None else pad,
@@ -144,7 +180,7 @@ def generate_batch(model, processor, encoded: list[dict[str, Any]], sa_layers: A
         # generate() routes internally but does not return the choice: a forward pass over the
         # same prompt reports it (ModelOutput.sa_layers); routing is deterministic, so it is the
         # configuration generate() runs. That extra pass is not part of the measured time.
-        ran = model(**batch, sa_layers=ROUTER, logits_to_keep=1).sa_layers
+        ran = model(**batch, sa_layers=ROUTER, logits_to_keep=1, token_reduction=token_reduction).sa_layers
     elif model.plan.dense:
         ran = [None] * len(encoded)
     else:
@@ -152,7 +188,7 @@ def generate_batch(model, processor, encoded: list[dict[str, Any]], sa_layers: A
     device = batch["input_ids"].device
     _sync(device)
     started = time.perf_counter()
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, sa_layers=sa_layers)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, sa_layers=sa_layers, token_reduction=token_reduction)
     _sync(device)
     seconds = (time.perf_counter() - started) / len(encoded)
     length = batch["input_ids"].shape[1]
@@ -172,17 +208,27 @@ def generate_batch(model, processor, encoded: list[dict[str, Any]], sa_layers: A
     return results
 
 
-def sample_cost(cfg, n_visual: int, n_text: int, sa_layers: Any, generated: int) -> dict[str, float]:
+def sample_cost(cfg, n_visual: int, n_text: int, sa_layers: Any, generated: int,
+                token_reduction: Any = None) -> dict[str, float]:
     """Language-model FLOPs and KV bytes of answering one sample with ``generated`` tokens.
 
     The prefill (its logits for the last position give the first token) plus one decode step for
     each later token, each attending over everything before it. :mod:`visorlib.flops` has no
     whole-generation function, so this sums its per-step :func:`~visorlib.flops.decode_step_flops`.
     KV bytes (bf16) are those after the prefill plus one entry per layer for each decoded token.
+
+    ``n_visual`` is what the prompt holds, so a pre-LLM reduction is already in it; the in-LLM
+    methods of ``token_reduction`` (None: the card's) shrink the layers from their pruning layer
+    on, in the prefill and in every decode step's cache.
     """
+    from ..visor.reduction import IN_LLM, parse_reduction
+
     config = "all" if sa_layers is None else sa_layers
-    prefill = flops(cfg, n_visual=n_visual, n_text=n_text, sa_layers=config)
-    decode = sum(decode_step_flops(cfg, n_visual, n_text + step, config) for step in range(generated - 1))
+    spec = cfg.token_reduction if token_reduction is None else token_reduction
+    in_llm = [r for r in parse_reduction(spec) if r.where == IN_LLM]
+    prefill = flops(cfg, n_visual=n_visual, n_text=n_text, sa_layers=config, token_reduction=in_llm)
+    decode = sum(decode_step_flops(cfg, n_visual, n_text + step, config, prefill.visual_per_layer)
+                 for step in range(generated - 1))
     grown = max(generated - 1, 0) * cfg.decoder.num_layers * kv_bytes_per_token(cfg.decoder)
     return {"prefill_flops": prefill.language_model, "flops": prefill.language_model + decode,
             "kv_bytes": prefill.kv_cache_bytes + grown}
@@ -249,6 +295,7 @@ def evaluate(
     device: str | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    token_reductions: Sequence[Any] = (),
 ) -> EvalReport:
     """Evaluate a model on datasets under several configurations.
 
@@ -272,6 +319,9 @@ def evaluate(
         device: Device of a model loaded here.
         dtype: Parameter dtype of a model loaded here.
         progress: Show a progress bar (samples/s) on stderr.
+        token_reductions: Token-reduction specs (``docs/token-reduction.md``): every configuration
+            is evaluated again under each (columns ``"1,4 + visionzip"``), FLOPs and KV bytes counted
+            under it.
     """
     if on_error not in ("skip", "fail"):
         raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
@@ -289,7 +339,7 @@ def evaluate(
         processor = processor_for(model)
     if processor.tokenizer is None:
         raise ValueError("evaluation needs the model's tokenizer (tokenizer.json beside the checkpoint)")
-    columns = parse_configs(model, configs)
+    columns = with_reductions(parse_configs(model, configs), token_reductions)
     skipped: list[dict] = []
     _apply_policy(datasets, on_error, skipped)
     samples = [s for d in datasets for s in (d.samples[:limit] if limit else d.samples)]
@@ -315,15 +365,17 @@ def evaluate(
     handle = open(path, "a") if path else None
     try:
         for group in _chunks(_by_sample(todo), batch_size):
-            encoded = {}
-            for sample in {s.key: s for s, _ in group}.values():
-                prepared = _prepare(processor, sample, on_error, skipped)
+            encoded = {}  # (sample, spec) -> prompt: a pre-LLM spec changes the placeholder counts
+            for (key, reduction), (sample, config) in {(s.key, c.reduction_key): (s, c) for s, c in group}.items():
+                if key in broken:
+                    continue
+                prepared = _prepare(processor, sample, on_error, skipped, config.token_reduction)
                 if prepared is not None:
-                    encoded[sample.key] = prepared
+                    encoded[key, reduction] = prepared
                 else:
-                    broken.add(sample.key)
-            bar.update(sum(s.key not in encoded for s, _ in group))
-            group = [(s, c) for s, c in group if s.key in encoded]
+                    broken.add(key)
+            bar.update(sum((s.key, c.reduction_key) not in encoded for s, c in group))
+            group = [(s, c) for s, c in group if (s.key, c.reduction_key) in encoded]
             for batch in _batches(group, batch_size, mix_configs):
                 new = _run_batch(model, processor, batch, encoded, max_new_tokens)
                 records += new
@@ -362,22 +414,29 @@ def _chunks(groups: list[list], samples_per_chunk: int) -> Iterable[list]:
 
 
 def _batches(group: list[tuple[EvalSample, Configuration]], size: int, mix: bool) -> Iterable[list]:
-    """Batches of one configuration each, or (``mix``) fixed configurations mixed; the router apart."""
-    routed = [item for item in group if item[1].sa_layers == ROUTER]
-    fixed = [item for item in group if item[1].sa_layers != ROUTER]
-    if mix:
-        lanes = [fixed, routed]
-    else:
-        labels = dict.fromkeys(c.label for _, c in fixed)
-        lanes = [[item for item in fixed if item[1].label == label] for label in labels] + [routed]
+    """Batches of one configuration each, or (``mix``) fixed configurations mixed; the router apart.
+
+    A batch runs one token-reduction spec (it is a per-call argument), so ``mix`` mixes only the
+    configurations of one spec.
+    """
+    lanes = []
+    for reduction in dict.fromkeys(c.reduction_key for _, c in group):
+        part = [item for item in group if item[1].reduction_key == reduction]
+        routed = [item for item in part if item[1].sa_layers == ROUTER]
+        fixed = [item for item in part if item[1].sa_layers != ROUTER]
+        if mix:
+            lanes += [fixed, routed]
+        else:
+            labels = dict.fromkeys(c.label for _, c in fixed)
+            lanes += [[item for item in fixed if item[1].label == label] for label in labels] + [routed]
     for lane in lanes:
         for start in range(0, len(lane), size):
             yield lane[start:start + size]
 
 
-def _prepare(processor, sample: EvalSample, on_error: str, skipped: list[dict]):
+def _prepare(processor, sample: EvalSample, on_error: str, skipped: list[dict], token_reduction: Any = None):
     try:
-        return encode_prompt(processor, sample.question, sample.images())
+        return encode_prompt(processor, sample.question, sample.images(), token_reduction)
     except (DataError, ValueError) as err:
         message = str(err) if str(err).startswith(sample.source) else f"{sample.source}[{sample.index}]: {err}"
         if on_error == "fail":
@@ -396,14 +455,17 @@ def _run_batch(model, processor, batch, encoded, max_new_tokens) -> list[dict[st
         sa_layers = "all"
     else:
         sa_layers = [list(c) for c in configs]
-    results = generate_batch(model, processor, [encoded[s.key] for s, _ in batch], sa_layers, max_new_tokens)
+    spec = batch[0][1].token_reduction  # one spec per batch (_batches)
+    results = generate_batch(model, processor, [encoded[s.key, c.reduction_key] for s, c in batch], sa_layers,
+                             max_new_tokens, token_reduction=spec)
     run = {"model": model.cfg.name, "max_new_tokens": max_new_tokens}
     records = []
     for (sample, config), result in zip(batch, results, strict=True):
-        cost = sample_cost(model.cfg, result.n_visual, result.n_text, result.sa_layers, result.tokens)
+        cost = sample_cost(model.cfg, result.n_visual, result.n_text, result.sa_layers, result.tokens, spec)
         records.append({
             **run, "sample": sample.key, "dataset": sample.dataset, "index": sample.index, "category": sample.category,
-            "configuration": config.label, "sa_layers": result.sa_layers, "prediction": result.text,
+            "configuration": config.label, "sa_layers": result.sa_layers, "token_reduction": spec,
+            "prediction": result.text,
             "answers": sample.answers, "metric": sample.metric,
             "score": score(sample.metric, result.text, sample.answers, **sample.metric_options),
             "n_visual": result.n_visual, "n_text": result.n_text, "generated_tokens": result.tokens,

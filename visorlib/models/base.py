@@ -87,7 +87,7 @@ class ModelOutput:
 
 
 class Media(NamedTuple):
-    """One kind of visual input of a forward pass, for :meth:`MultimodalMixin.scatter_media`.
+    """One kind of visual input of a forward pass, for :meth:`VisionLanguageModel.scatter_media`.
 
     Attributes:
         kind: ``"image"`` or ``"video"`` (for messages).
@@ -99,6 +99,7 @@ class Media(NamedTuple):
         groups: Images per sample that has any (``batch_num_images``), when the caller knows them.
         rows: What dim 0 of ``pixels`` counts (``"image"``), or a function naming row ``i`` (for
             flattened patches: which image the patch belongs to).
+        hint: Appended to the token-count mismatch message (e.g. the active token reduction).
     """
 
     kind: str
@@ -109,6 +110,7 @@ class Media(NamedTuple):
     argument: str = "pixel_values"
     groups: Sequence[int] | None = None
     rows: str | Callable[[int], str] = "image"
+    hint: str = ""
 
 
 class Embedded(NamedTuple):
@@ -243,7 +245,7 @@ class VisionLanguageModel(GenerationMixin, PretrainedMixin, nn.Module):
             if features.shape[0] != sum(slots):
                 raise InputError(
                     f"input_ids contain {sum(slots)} {item.kind} tokens but the {item.kind}s produce {features.shape[0]} "
-                    f"features; expand each {item.placeholder} placeholder with visorlib.processor_for(model)"
+                    f"features{item.hint}; expand each {item.placeholder} placeholder with visorlib.processor_for(model)"
                 )
             check_media_per_sample(slots, [len(p) for p in parts], item.kind, item.groups)
             embeds = embeds.masked_scatter(mask[..., None].expand_as(embeds), features)

@@ -145,6 +145,7 @@ class ChatProcessor:
         videos: Any = None,
         padding_side: str = "left",
         return_tensors: str | None = "pt",
+        token_reduction: object = None,
     ) -> dict[str, Any]:
         """Tokenize prompts and preprocess their images and videos.
 
@@ -155,6 +156,8 @@ class ChatProcessor:
             videos: The videos, in placeholder order.
             padding_side: ``"left"`` (for generation) or ``"right"``.
             return_tensors: ``"pt"`` for tensors, None for Python lists of ids.
+            token_reduction: The spec the model will be called with (None: the card's); a pre-LLM
+                method changes how many tokens an image expands to (``docs/token-reduction.md``).
 
         Returns:
             ``input_ids`` and ``attention_mask`` (when ``text`` is given; each placeholder expanded
@@ -165,14 +168,16 @@ class ChatProcessor:
                 text without a tokenizer.
         """
         texts = self._texts(text, images, videos, padding_side, return_tensors)
-        out, image_counts, video_counts = self.preprocess(texts, images, videos)
+        out, image_counts, video_counts = self.preprocess(texts, images, videos, token_reduction)
         if texts is not None:
             ids = self._tokenize(texts, image_counts, video_counts)
             out = {**self._pad(ids, padding_side, return_tensors), **out}
         return out
 
-    def preprocess(self, texts: list[str] | None, images: Any, videos: Any) -> tuple[dict[str, Any], list[int], list[int]]:
-        """The family's pixel tensors, and how many visual tokens each image / video becomes."""
+    def preprocess(
+        self, texts: list[str] | None, images: Any, videos: Any, token_reduction: object = None
+    ) -> tuple[dict[str, Any], list[int], list[int]]:
+        """The family's pixel tensors, and how many visual tokens each image / video becomes (under ``token_reduction``)."""
         raise NotImplementedError
 
     @staticmethod
@@ -282,7 +287,8 @@ class ChatProcessor:
         return ids[None]
 
     def encode_turns(
-        self, turns: Sequence[tuple[str, str]], images: Sequence[Any] = (), videos: Sequence[Any] = ()
+        self, turns: Sequence[tuple[str, str]], images: Sequence[Any] = (), videos: Sequence[Any] = (),
+        token_reduction: object = None,
     ) -> dict[str, Any]:
         """One training sample: a conversation with labels on the assistant's words only.
 
@@ -291,6 +297,7 @@ class ChatProcessor:
                 where the media go (LLaVA data style, whatever the family).
             images: The sample's images, in placeholder order.
             videos: The sample's videos, in placeholder order.
+            token_reduction: The spec the model will run (None: the card's), for the placeholder counts.
 
         Returns:
             ``input_ids`` and ``labels`` (1-D, -100 off the assistant answers), plus the family's
@@ -310,7 +317,8 @@ class ChatProcessor:
                 f"{len(videos)} videos"
             )
         # One nested group: the images belong to one sample (multi-image rules apply).
-        out, image_counts, video_counts = self.preprocess(None, [list(images)] if images else None, list(videos) or None)
+        out, image_counts, video_counts = self.preprocess(None, [list(images)] if images else None, list(videos) or None,
+                                                          token_reduction)
         counts = {self.image_token: iter(image_counts), self.video_token: iter(video_counts)}
         expand = re.compile(f"({re.escape(self.image_token)}|{re.escape(self.video_token)})")
         routed = self.cfg.visor is not None and self.cfg.visor.router

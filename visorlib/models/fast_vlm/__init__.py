@@ -12,7 +12,13 @@ from typing import Any
 
 from ...config import ModelConfig
 from ...registry import Family, register_family
-from ..llava_onevision import LlavaOnevision, LlavaOnevisionProcessor, projector_flops, tile_geometry
+from ..llava_onevision import (
+    LlavaOnevision,
+    LlavaOnevisionProcessor,
+    projector_flops,
+    reduced_image_tokens,
+    tile_geometry,
+)
 from .convert import convert_fastvlm_state, fastvlm_config_from_hf
 from .fastvit import FastVitTower, fastvit_tower_flops
 
@@ -35,6 +41,7 @@ FAMILY = register_family(Family(
     tower_flops=fastvit_tower_flops,
     projector_flops=projector_flops,
     geometry=tile_geometry,
+    pre_llm_tokens=reduced_image_tokens,
     tiny=tiny,
 ))
 

@@ -12,7 +12,7 @@ from ...modules.counting import linear_flops
 from ...registry import Family, register_family
 from .convert import config_from_hf, convert_llava_onevision_state
 from .model import LlavaOnevision, Projector
-from .processor import LlavaOnevisionProcessor
+from .processor import LlavaOnevisionProcessor, reduced_image_tokens
 from .siglip import SiglipVisionTower, siglip_tower_flops
 
 
@@ -41,6 +41,8 @@ FAMILY = register_family(Family(
     tower_flops=siglip_tower_flops,
     projector_flops=projector_flops,
     geometry=tile_geometry,
+    pre_llm_tokens=reduced_image_tokens,
 ))
 
-__all__ = ["FAMILY", "LlavaOnevision", "LlavaOnevisionProcessor", "Projector", "SiglipVisionTower"]
+__all__ = ["FAMILY", "LlavaOnevision", "LlavaOnevisionProcessor", "Projector", "SiglipVisionTower",
+           "reduced_image_tokens"]

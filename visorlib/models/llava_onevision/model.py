@@ -6,6 +6,14 @@ stitched into one grid per image (see :mod:`visorlib.processing.anyres`), and wr
 token sequence in place of the image placeholder tokens. Inputs use the Hugging Face layout
 (``pixel_values [images, tiles, 3, S, S]``, ``image_sizes [images, 2]``) so code moves freely
 between the two libraries; the logits are the same to ~1e-6 in fp32.
+
+**Pre-LLM token reduction** (``token_reduction=``, ``docs/token-reduction.md``) runs per tile
+between the tower (and VISOR-TR packing) and the projector: tower -> (packer) -> reducer ->
+projector. Selection and merging leave no 2-D grid, so a reduced image is laid out as its tiles'
+kept tokens in tile order (base tile first, then the grid tiles row-major; within a tile in
+their original row-major order), followed by one ``image_newline``. Unpadding and anyres'
+bilinear downscale do not apply (the paper disabled the downscale too), so the token count
+depends only on the spec and the tile count (:func:`~visorlib.visor.reduction.pre_llm_tokens`).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from ...modules.cache import KVCache
 from ...processing import anyres
 from ...registry import build_vision_tower
 from ...validation import require_tensor
+from ...visor.reduction import Reducer, ReductionSpecError, encode_and_reduce
 from ..base import Embedded, InputError, Media, ModelOutput, VisionLanguageModel
 
 
@@ -73,6 +82,7 @@ class LlavaOnevision(VisionLanguageModel):
         pixel_values: torch.Tensor,
         image_sizes: torch.Tensor | None,
         batch_num_images: torch.Tensor | None = None,
+        reducer: Reducer | None = None,
     ) -> list[torch.Tensor]:
         """Visual tokens of every image, in the decoder's width.
 
@@ -82,6 +92,8 @@ class LlavaOnevision(VisionLanguageModel):
                 ``[images, 3, S, S]`` (transformers' FastVLM layout) is accepted too.
             image_sizes: ``[images, 2]`` original ``(height, width)``; not needed in ``pad`` mode.
             batch_num_images: Images per sample; samples with several images use base tiles only.
+            reducer: A pre-LLM reducer: each image becomes its tiles' kept tokens and one newline
+                (the layout in the module docstring).
 
         Returns:
             One ``[tokens_i, D]`` tensor per image.
@@ -95,6 +107,8 @@ class LlavaOnevision(VisionLanguageModel):
                     f"pixel_values must be [images, 3, {side}, {side}] or [images, 1, 3, {side}, {side}] (one padded "
                     f"square tile per image), got {list(pixel_values.shape)}"
                 )
+            if reducer is not None:
+                return self._reduced_images(pixel_values, reducer, [1] * len(pixel_values), [(0, 0)] * len(pixel_values))
             return [self._pack_image(tile[None], None) for tile in self._tile_features(pixel_values)]
         if pixel_values.dim() != 5 or pixel_values.shape[2:] != (3, side, side):
             raise InputError(
@@ -118,6 +132,11 @@ class LlavaOnevision(VisionLanguageModel):
                     f"{pixel_values.shape[1]}"
                 )
         flat = torch.cat([pix[:n] for pix, n in zip(pixel_values, tiles, strict=False)])
+        if reducer is not None:
+            pinpoints = self.cfg.processing.pinpoints(side)
+            grids = [anyres.tile_grid(size, pinpoints, side) if n > 1 else (0, 0)
+                     for size, n in zip(image_sizes.tolist(), tiles, strict=True)]
+            return self._reduced_images(flat, reducer, tiles, grids)
         features = self._tile_features(flat)
         return [self._pack_image(f, size) for f, size in zip(features.split(tiles), image_sizes.tolist(), strict=False)]
 
@@ -127,6 +146,23 @@ class LlavaOnevision(VisionLanguageModel):
         if self.packer is not None:
             features = self.packer(features)
         return self.projector(features)
+
+    def _reduced_images(
+        self, pixels: torch.Tensor, reducer: Reducer, tiles: list[int], grids: list[tuple[int, int]]
+    ) -> list[torch.Tensor]:
+        """Tower -> (packer) -> ``reducer`` -> projector; one ``[kept tokens (+ newline), D]`` per image.
+
+        Only kept rows go through the projector (HiRED pads tiles to the largest count; the padding
+        is dropped first), so a tile's row count is exactly what the spec keeps.
+        """
+        _, reduced = encode_and_reduce(self.vision_tower, pixels.to(self.dtype), reducer, tiles, grids, self.packer)
+        valid = torch.arange(reduced.features.shape[1], device=pixels.device) < reduced.counts[:, None]
+        projected = self.projector(reduced.features[valid])  # rows in tile order, each tile's kept tokens in order
+        per_image = torch.stack([part.sum() for part in reduced.counts.split(tiles)]).tolist()
+        images = list(projected.split(per_image))
+        if self.image_newline is None:
+            return images
+        return [torch.cat([image, self.image_newline[None].to(image)]) for image in images]
 
     def _pack_image(self, tiles: torch.Tensor, image_size: list[int] | None) -> torch.Tensor:
         """Stitch one image's tile features into an unpadded grid with row newlines."""
@@ -148,12 +184,19 @@ class LlavaOnevision(VisionLanguageModel):
             grid = torch.cat([grid, newline], dim=-1)
         return torch.cat([base, grid.flatten(1).transpose(0, 1)])
 
-    def encode_videos(self, pixel_values_videos: torch.Tensor) -> list[torch.Tensor]:
+    def encode_videos(self, pixel_values_videos: torch.Tensor, reducer: Reducer | None = None) -> list[torch.Tensor]:
         """Visual tokens of every video: frames pooled 2x (27² -> 14² tokens), then one newline.
 
         Args:
             pixel_values_videos: ``[videos, frames, 3, S, S]``.
+            reducer: Refused when given: pre-LLM reduction of video frames is not supported.
         """
+        if reducer is not None:
+            raise ReductionSpecError(
+                f"token_reduction: {reducer.name} is a pre-LLM method, and pre-LLM reduction of videos is not supported "
+                "(frames are already pooled 2x, and the reduced token layout is defined for image tiles); use an "
+                "in-LLM method (fastv, pyramiddrop) for videos"
+            )
         side = self.cfg.vision.image_size
         if pixel_values_videos.dim() != 5 or pixel_values_videos.shape[2:] != (3, side, side):
             raise InputError(
@@ -180,28 +223,40 @@ class LlavaOnevision(VisionLanguageModel):
         image_sizes: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         batch_num_images: torch.Tensor | None = None,
+        token_reduction: object = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token embeddings with visual features written over the placeholder tokens.
+
+        Args:
+            token_reduction: A spec whose pre-LLM method reduces each image (None: the card's);
+                its in-LLM methods act in the decoder and are ignored here.
 
         Returns:
             ``(embeddings [B, L, D], visual_mask [B, L], segments [B, L])``; ``segments`` numbers
             the batch's images, then its videos, on their tokens (-1 elsewhere).
         """
+        pre_llm, _ = self.reducers(token_reduction)
+        reducer = pre_llm[0] if pre_llm else None
+        # A processor that expanded the placeholders under another spec is the likely cause of a mismatch.
+        hint = "" if reducer is None else (f" under token_reduction {reducer.name} (keep={reducer.keep}); the processor "
+                                           "must be called with the same token_reduction")
         tokens = self.cfg.tokens
         groups = None
         if batch_num_images is not None:
             groups = require_tensor(batch_num_images, "batch_num_images").tolist()
         return self.scatter_media(input_ids, [
             Media("image", tokens.image_token_id, "<image>", pixel_values,
-                  lambda: self.encode_images(pixel_values, image_sizes, batch_num_images), "pixel_values", groups),
+                  lambda: self.encode_images(pixel_values, image_sizes, batch_num_images, reducer), "pixel_values",
+                  groups, hint=hint),
             Media("video", tokens.video_token_id, "<video>", pixel_values_videos,
-                  lambda: self.encode_videos(pixel_values_videos), "pixel_values_videos", rows="video"),
+                  lambda: self.encode_videos(pixel_values_videos, reducer), "pixel_values_videos", rows="video"),
         ])
 
     def embed_inputs(self, input_ids: torch.Tensor, cache: KVCache | None = None, pixel_values=None, image_sizes=None,
-                     pixel_values_videos=None, batch_num_images=None) -> Embedded:
+                     pixel_values_videos=None, batch_num_images=None, token_reduction=None) -> Embedded:
         """:meth:`embed`, as the shared decoder pass takes it (positions count real tokens)."""
-        return Embedded(*self.embed(input_ids, pixel_values, image_sizes, pixel_values_videos, batch_num_images))
+        return Embedded(*self.embed(input_ids, pixel_values, image_sizes, pixel_values_videos, batch_num_images,
+                                    token_reduction))
 
     def forward(
         self,
@@ -235,11 +290,13 @@ class LlavaOnevision(VisionLanguageModel):
                 of SA layers, or one list per sample. A dense model accepts only None or ``"all"``.
                 Ignored after the prefill: decode steps keep the prefill's configuration.
             token_reduction: Token reduction for the prefill (``docs/token-reduction.md``): a dict
-                ``{"method": NAME, "keep": K, ...}`` or a list of them; None uses the card's.
+                ``{"method": NAME, "keep": K, ...}`` or a list of them; None uses the card's, ``[]``
+                none. A pre-LLM method reduces each image's tiles (the layout in the module
+                docstring); ``input_ids`` must then hold the reduced counts, as
+                ``processor(..., token_reduction=...)`` writes them. Videos refuse pre-LLM methods.
         """
-        pre_llm, in_llm = self.reducers(token_reduction)
-        if pre_llm:
-            raise NotImplementedError("pre-LLM token reduction is being wired into LLaVA-OneVision")
-        embedded = self.embed_inputs(input_ids, cache, pixel_values, image_sizes, pixel_values_videos, batch_num_images)
+        _, in_llm = self.reducers(token_reduction)
+        embedded = self.embed_inputs(input_ids, cache, pixel_values, image_sizes, pixel_values_videos, batch_num_images,
+                                     token_reduction)
         return self.run_language_model(input_ids, embedded, attention_mask, position_ids, labels, cache, logits_to_keep,
                                        sa_layers, in_llm)

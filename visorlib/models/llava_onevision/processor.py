@@ -12,11 +12,30 @@ from typing import Any
 
 import torch
 
+from ...config import ModelConfig
 from ...processing import anyres
 from ...processing.chat import IMAGE_TOKEN, VIDEO_TOKEN, apply_chat_template
 from ...processing.image import preprocess_images, preprocess_video
 from ...processing.processor import ChatProcessor, group_images, list_videos
 from ...validation import InputError
+from ...visor.reduction import PRE_LLM, Reducer, ReductionSpecError, parse_reduction, pre_llm_tokens
+
+
+def reduced_image_tokens(cfg: ModelConfig, reducer: Reducer, tiles: int | Sequence[int]) -> int:
+    """Visual tokens of images under a pre-LLM method: each image's tiles' kept tokens, then one
+    ``image_newline`` (the reduced layout of :meth:`LlavaOnevision.encode_images`; no unpadding).
+
+    Args:
+        cfg: The model's card.
+        reducer: A pre-LLM reducer.
+        tiles: Tiles of one image, or one count per image (what :func:`visorlib.flops` is given).
+    """
+    images = [tiles] if isinstance(tiles, int) else [int(t) for t in tiles]
+    if not images or min(images) < 1:
+        raise ReductionSpecError(f"{reducer.name} reduces each image's tiles: pass tiles= (tiles of the image, or "
+                                 f"one count per image), got {tiles!r}")
+    per_tile = cfg.feature_grid_size**2
+    return sum(pre_llm_tokens(reducer, per_tile, n) + int(cfg.use_image_newline) for n in images)
 
 
 class LlavaOnevisionProcessor(ChatProcessor):
@@ -35,13 +54,24 @@ class LlavaOnevisionProcessor(ChatProcessor):
 
     # -- token counts (all arithmetic lives in anyres) -------------------------------------------
 
-    def num_image_tokens(self, image_size: Sequence[int], tiled: bool = True) -> int:
+    def pre_llm_reducer(self, token_reduction: object = None) -> Reducer | None:
+        """The pre-LLM method of ``token_reduction`` (None: the card's ``token_reduction``; ``[]``: none)."""
+        spec = self.cfg.token_reduction if token_reduction is None else token_reduction
+        return next((r for r in parse_reduction(spec) if r.where == PRE_LLM), None)
+
+    def num_image_tokens(self, image_size: Sequence[int], tiled: bool = True, token_reduction: object = None) -> int:
         """Placeholder tokens for an image of ``(height, width)``.
 
         ``tiled=False`` for images of multi-image samples; with ``processing.aspect_mode: pad``
-        (FastVLM) no image is tiled.
+        (FastVLM) no image is tiled. Under a pre-LLM ``token_reduction`` (None: the card's) an
+        image is its tiles' kept tokens plus one ``image_newline`` (the model's reduced layout).
         """
         side = self.cfg.vision.image_size
+        tiled = tiled and self.cfg.processing.aspect_mode == "anyres"
+        reducer = self.pre_llm_reducer(token_reduction)
+        if reducer is not None:
+            tiles = anyres.num_tiles(image_size, self.cfg.processing.pinpoints(side), side) if tiled else 1
+            return reduced_image_tokens(self.cfg, reducer, tiles)
         return anyres.num_image_tokens(
             image_size,
             self.cfg.processing.pinpoints(side),
@@ -49,7 +79,7 @@ class LlavaOnevisionProcessor(ChatProcessor):
             self.cfg.feature_grid_size,
             self.cfg.processing.max_tiles,
             newline=self.cfg.use_image_newline,
-            tiled=tiled and self.cfg.processing.aspect_mode == "anyres",
+            tiled=tiled,
         )
 
     def num_video_tokens(self, num_frames: int) -> int:
@@ -58,7 +88,9 @@ class LlavaOnevisionProcessor(ChatProcessor):
 
     # -- main entry point -------------------------------------------------------------------------
 
-    def preprocess(self, texts: list[str] | None, images: Any, videos: Any) -> tuple[dict[str, Any], list[int], list[int]]:
+    def preprocess(
+        self, texts: list[str] | None, images: Any, videos: Any, token_reduction: object = None
+    ) -> tuple[dict[str, Any], list[int], list[int]]:
         """The pixel tensors of :meth:`__call__`, and the placeholder count of every image / video.
 
         Args:
@@ -67,6 +99,8 @@ class LlavaOnevisionProcessor(ChatProcessor):
                 per sample. PIL images, ``numpy.ndarray`` or ``torch.Tensor``.
             videos: One video (list of frames, or ``[F, H, W, C]`` / ``[F, C, H, W]``) or a list of
                 videos, in placeholder order. All videos must have the same number of frames.
+            token_reduction: The spec the model will be called with (None: the card's); a pre-LLM
+                method changes each image's count (:meth:`num_image_tokens`) and refuses videos.
 
         Returns:
             ``pixel_values`` ``[images, tiles, 3, S, S]``, ``image_sizes`` ``[images, 2]`` and
@@ -95,6 +129,10 @@ class LlavaOnevisionProcessor(ChatProcessor):
             placed = sum(t.count(VIDEO_TOKEN) for t in texts)
             if placed != len(video_list):
                 raise InputError(f"the text holds {placed} {VIDEO_TOKEN} placeholders but {len(video_list)} videos were passed")
+        reducer = self.pre_llm_reducer(token_reduction) if video_list else None
+        if reducer is not None:
+            raise ReductionSpecError(f"token_reduction: {reducer.name} is a pre-LLM method, and pre-LLM reduction of "
+                                     "videos is not supported; use an in-LLM method (fastv, pyramiddrop) for videos")
         if video_list:
             clips = [preprocess_video(video, self.cfg) for video in video_list]
             frame_counts = [clip.shape[1] for clip in clips]
@@ -102,7 +140,8 @@ class LlavaOnevisionProcessor(ChatProcessor):
                 raise InputError(f"videos in one batch must have the same number of frames, got {frame_counts}")
             out["pixel_values_videos"] = torch.cat(clips)
 
-        image_counts = [self.num_image_tokens(size, t) for size, t in zip(out.get("image_sizes", []), tiled, strict=True)]
+        image_counts = [self.num_image_tokens(size, t, token_reduction)
+                        for size, t in zip(out.get("image_sizes", []), tiled, strict=True)]
         video_counts = [self.num_video_tokens(n) for n in (frame_counts if video_list else [])]
         return out, image_counts, video_counts
 
@@ -113,14 +152,16 @@ class LlavaOnevisionProcessor(ChatProcessor):
         """The llava-onevision-hf prompt for ``messages`` (see :func:`.chat.apply_chat_template`)."""
         return apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
 
-    def profile_inputs(self, image: Any, n_text: int, seed: int = 0) -> tuple[torch.Tensor, dict[str, Any], int]:
+    def profile_inputs(
+        self, image: Any, n_text: int, seed: int = 0, token_reduction: object = None
+    ) -> tuple[torch.Tensor, dict[str, Any], int]:
         """A one-image prompt with ``n_text`` random ordinary text ids around the placeholders.
 
         For measuring cost without a tokenizer (``visorlib profile``). Returns ``(input_ids [1, L],
-        vision inputs, tiles through the vision tower)``.
+        vision inputs, tiles through the vision tower)``; ``token_reduction`` as in :meth:`num_image_tokens`.
         """
         vision = self(images=[image])
         vision.pop("batch_num_images", None)
         size = vision["image_sizes"][0].tolist()
         tiles = vision["pixel_values"].shape[1]  # one image: exactly its tiles, no padding
-        return self.profile_ids(self.num_image_tokens(size), n_text, seed), vision, tiles
+        return self.profile_ids(self.num_image_tokens(size, token_reduction=token_reduction), n_text, seed), vision, tiles

@@ -154,7 +154,7 @@ class Qwen2VL(VisionLanguageModel):
     # ---------------------------------------------------------------- sequence
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None):
         """``(embeddings, visual_mask, segments)`` with visual tokens over each ``<|image_pad|>`` /
-        ``<|video_pad|>`` run (see :meth:`~visorlib.models.base.MultimodalMixin.scatter_media`)."""
+        ``<|video_pad|>`` run (see :meth:`~visorlib.models.base.VisionLanguageModel.scatter_media`)."""
         tokens = self.cfg.tokens
         media = [(tokens.image_token_id, "image", "pixel_values", pixel_values, image_grid_thw),
                  (tokens.video_token_id, "video", "pixel_values_videos", pixel_values_videos, video_grid_thw)]

@@ -167,7 +167,9 @@ class Qwen2VLProcessor(ChatProcessor):
         """Visual tokens for a video of ``num_frames`` frames of ``(height, width)``."""
         return self._tokens_of(self._grid(*frame_size, frames=num_frames))
 
-    def preprocess(self, texts: list[str] | None, images: Any, videos: Any) -> tuple[dict[str, Any], list[int], list[int]]:
+    def preprocess(
+        self, texts: list[str] | None, images: Any, videos: Any, token_reduction: object = None
+    ) -> tuple[dict[str, Any], list[int], list[int]]:
         """The pixel tensors of :meth:`__call__`, and the visual-token count of every image / video.
 
         Args:
@@ -176,6 +178,8 @@ class Qwen2VLProcessor(ChatProcessor):
             images: One image, a flat list in placeholder order, or one list per sample.
             videos: One video (list of frames, or ``[F, H, W, C]`` / ``[F, C, H, W]``) or a list of
                 videos, in placeholder order.
+            token_reduction: Accepted for the shared ``__call__``; no count changes (Qwen2-VL refuses
+                pre-LLM methods, and in-LLM methods drop tokens inside the decoder).
 
         Returns:
             ``pixel_values`` ``[patches, 1176]`` and ``image_grid_thw [images, 3]`` (when images

@@ -1,13 +1,15 @@
 """Token reduction: registered methods that keep fewer visual tokens, before or inside the language model.
 
-See ``docs/token-reduction.md``. Phase 1 (this package) holds the specs, the scores, the
-selection rules and the token accounting as standalone, tested functions; wiring them into the
-models' forward / generate lands next.
+See ``docs/token-reduction.md``. This package holds the specs, the scores, the selection rules
+and the token accounting as standalone, tested functions. The models call them: pre-LLM methods
+in LLaVA-OneVision's vision path (:mod:`visorlib.models.llava_onevision.model`), in-LLM methods in
+the VISOR executor (:mod:`visorlib.visor.pruning`); :mod:`visorlib.flops` reads the accounting.
 """
 
 from .budget import pre_llm_tokens, tokens_per_layer, tokens_per_layer_batch
 from .in_llm import PrunePoint, fastv_select, keep_counts, prune_points, pyramiddrop_select, select_top, take
 from .pre_llm import (
+    PackedCapture,
     Reduced,
     apply_pre_llm,
     apportion,
@@ -46,6 +48,7 @@ __all__ = [
     "FastV",
     "HiRED",
     "Pooling",
+    "PackedCapture",
     "PrunePoint",
     "PyramidDrop",
     "Reduced",

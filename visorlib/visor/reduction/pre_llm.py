@@ -283,7 +283,7 @@ def hired(
 def apply_pre_llm(
     spec: Reducer,
     features: torch.Tensor,
-    capture: TowerAttentionCapture | None = None,
+    capture: TowerAttentionCapture | PackedCapture | None = None,
     tiles_per_image: Sequence[int] | None = None,
     grids: Sequence[tuple[int, int]] | None = None,
 ) -> Reduced:
@@ -322,27 +322,74 @@ def tower_layers(spec: Reducer) -> tuple[int, ...]:
     return ()
 
 
+class PackedCapture:
+    """A capture's scores and keys mapped onto VISOR-TR's packed grid, so a reducer can select packed tokens.
+
+    VISOR-TR packing (:class:`~visorlib.visor.token_packing.TokenPacker`) resizes each tile's
+    ``g x g`` grid bilinearly to ``2s x 2s`` and folds 2x2 cells into one token. The tower's
+    scores and keys live on the ``g x g`` grid; they are mapped the same way (the same bilinear
+    resize, then the mean of each 2x2 cell), so a packed token's score is the mean score of the
+    area it covers. This is an approximation: no attention was computed between packed tokens.
+
+    Args:
+        capture: The :class:`TowerAttentionCapture` of the tower's forward.
+        side: Tokens per side of a packed tile.
+    """
+
+    def __init__(self, capture: TowerAttentionCapture, side: int):
+        self.capture = capture
+        self.side = side
+
+    def _map(self, values: torch.Tensor) -> torch.Tensor:
+        n, t, c = values.shape
+        grid = math.isqrt(t)
+        maps = values.transpose(1, 2).reshape(n, c, grid, grid).float()
+        maps = F.interpolate(maps, size=(2 * self.side, 2 * self.side), mode="bilinear", align_corners=False)
+        return F.avg_pool2d(maps, 2).flatten(2).transpose(1, 2).to(values.dtype)
+
+    def received(self, layer: int) -> torch.Tensor:
+        """``[N, side**2]`` mean received attention over each packed token's area."""
+        return self._map(self.capture.received(layer)[..., None])[..., 0]
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """``[N, side**2, d]`` keys (mean over heads) averaged over each packed token's area."""
+        return self._map(self.capture.keys(layer))
+
+
 def encode_and_reduce(
     tower: torch.nn.Module,
     pixel_values: torch.Tensor,
     spec: Reducer,
     tiles_per_image: Sequence[int] | None = None,
     grids: Sequence[tuple[int, int]] | None = None,
+    packer: torch.nn.Module | None = None,
 ) -> tuple[torch.Tensor, Reduced]:
     """Run ``tower`` on ``pixel_values`` (its own SDPA attention untouched) and reduce its tiles with ``spec``.
 
     Gradients flow through the features as usual (a recipe can train the projector or the tower
     under a reducer); the scores are computed from detached q/k and carry none.
 
+    Args:
+        tower: The vision tower.
+        pixel_values: ``[N, 3, S, S]`` tiles.
+        spec: A pre-LLM reducer.
+        tiles_per_image: Tiles of each image, for HiRED (see :func:`apply_pre_llm`).
+        grids: ``(rows, cols)`` of each image's tiles after the base tile, for HiRED.
+        packer: VISOR-TR's token packer, when the model packs: the reducer then selects among the
+            packed tokens, with the tower's scores mapped onto the packed grid (:class:`PackedCapture`).
+
     Returns:
-        ``(features, reduced)``: the tower's full ``[N, T, D]`` output and :func:`apply_pre_llm`'s result.
+        ``(features, reduced)``: the tower's (packed) ``[N, T, D]`` output and :func:`apply_pre_llm`'s result.
 
     Raises:
         ReductionSpecError: ``spec`` reads tower attention and ``tower`` does not expose it.
     """
     if not spec.needs_tower_attention:
         features = tower(pixel_values)
+        features = features if packer is None else packer(features)
         return features, apply_pre_llm(spec, features, None, tiles_per_image, grids)
     with TowerAttentionCapture(tower, tower_layers(spec)) as capture:
         features = tower(pixel_values)
+    if packer is not None:
+        features, capture = packer(features), PackedCapture(capture, packer.side)
     return features, apply_pre_llm(spec, features, capture, tiles_per_image, grids)
