@@ -397,4 +397,6 @@ def test_checkpoint_saved_before_the_restructure_loads_and_reproduces_its_logits
     logits = expected.pop("logits")
     with torch.no_grad():
         got = model(**expected, sa_layers=[[1], [1, 2, 4]]).logits
-    assert torch.equal(got, logits)
+    # Bit-equal on the machine and thread count that wrote the fixture; another thread count sums
+    # in another order (~1e-7), so the check is float32 rounding, not a behaviour change.
+    torch.testing.assert_close(got, logits, atol=1e-6, rtol=1e-6)
