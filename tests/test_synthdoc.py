@@ -110,6 +110,12 @@ def test_drill_rows_are_text_only_and_answered_from_the_key(tmp_path):
                 places = question["value"].removeprefix("what patterns are at the ").removesuffix(" ?").split(" and ")
                 assert reply["value"] == " ".join(DRILL["patterns"][p] for p in places)
     assert {t["value"] for row in rows for t in row["conversations"][::2]} >= set(key)  # every question drilled
+    # The command line writes it on request and refuses a negative count with one line naming the flag.
+    from visorlib.cli import main
+
+    assert main(["data", "synthdoc", str(tmp_path / "cli"), "--pages", "2", "--drill-rows", "2"]) == 0
+    assert len((tmp_path / "cli" / "drill.jsonl").read_text().splitlines()) == 2
+    assert main(["data", "synthdoc", str(tmp_path / "bad"), "--pages", "2", "--drill-rows", "-1"]) == 2
     # Deterministic per seed, and the pages do not depend on whether a drill was asked for.
     make_synthdoc_dataset(tmp_path / "again", cfg, pages_count=2, seed=1)
     assert (tmp_path / "again" / "data.jsonl").read_text() == (tmp_path / "data.jsonl").read_text()
