@@ -1,6 +1,6 @@
 """The synthdoc reproduction: the whole paper pipeline at tiny scale, from scratch, on a CPU.
 
-Runs the recipes of ``recipes/synthdoc-*.yaml`` in order (dense -> VISOR stage 1 -> stage 2
+Runs the recipes of ``recipes/synthdoc-*.yaml`` in order (reading drill -> dense -> VISOR stage 1 -> stage 2
 universal -> two independent baselines -> router), each through the same ``Trainer`` that
 ``visorlib train`` uses, with every path redirected into ``--work``; then scores every model on
 held-out pages of a seed no recipe trains on (``visorlib.demo.HELD_OUT_SEED``) and writes one JSON
@@ -37,7 +37,7 @@ from visorlib.train.synthdoc import make_synthdoc_dataset  # noqa: E402
 
 RECIPES = ROOT / "recipes"
 # (stage name, recipe, the stage whose exported model it starts from)
-CHAIN = [("dense", "synthdoc-dense", None), ("stage1", "synthdoc-stage1", "dense"),
+CHAIN = [("read", "synthdoc-read", None), ("dense", "synthdoc-dense", "read"), ("stage1", "synthdoc-stage1", "dense"),
          ("stage2", "synthdoc-stage2", "stage1"), ("independent-1", "synthdoc-independent-1", "stage1"),
          ("independent-full", "synthdoc-independent-full", "stage1"), ("router", "synthdoc-router", "stage2")]
 
@@ -62,7 +62,8 @@ def run_stage(work: Path, stage: str, recipe_name: str, parent: str | None, scal
         sets.append(f"router.samples_per_dataset={max(2, int(base.router.samples_per_dataset * scale))}")
     else:
         steps = max(2, int(base.training.max_steps * scale))
-        sets += [f"data.datasets=[{{path: {data}, format: synthetic}}]", f"training.max_steps={steps}",
+        source = data / "drill.jsonl" if stage == "read" else data
+        sets += [f"data.datasets=[{{path: {source}, format: synthetic}}]", f"training.max_steps={steps}",
                  f"checkpoint.every_steps={steps}", f"logging.metrics_file={work / stage / 'metrics.jsonl'}",
                  "logging.progress=false"]
     if parent is not None:
@@ -100,7 +101,7 @@ def ship(work: Path) -> None:
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(exported(work, stage), target)
         (target / "recipes").mkdir()
-        stages = ["dense"] if stage == "dense" else ["dense", "stage1", "stage2", "router"]
+        stages = ["read", "dense"] if stage == "dense" else ["read", "dense", "stage1", "stage2", "router"]
         for part in stages:
             recipe = dict(CHAIN_BY_STAGE)[part]
             shutil.copy(RECIPES / f"{recipe}.yaml", target / "recipes")
@@ -162,7 +163,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (quick check)")
     parser.add_argument("--pages", type=int, default=100, help="held-out pages scored per model")
     parser.add_argument("--skip-training", action="store_true", help="only score the models already in --work")
-    parser.add_argument("--start-at", choices=[stage for stage, _, _ in CHAIN], default="dense",
+    parser.add_argument("--start-at", choices=[stage for stage, _, _ in CHAIN], default="read",
                         help="reuse the data and the earlier stages already in --work")
     parser.add_argument("--ship", action="store_true", help="copy the trained models into zoo/weights/")
     parser.add_argument("--markdown", help="only print the table of this result JSON as Markdown")
@@ -179,8 +180,8 @@ def main() -> None:
     if not args.skip_training:
         cfg = zoo.get_config("visor-synthdoc-tiny")
         t = time.perf_counter()
-        if args.start_at == "dense":
-            make_synthdoc_dataset(work / "data", cfg, 4000, seed=1, eval_pages=0, same_share=0.25)
+        if args.start_at == "read":
+            make_synthdoc_dataset(work / "data", cfg, 4000, seed=1, eval_pages=0, drill_rows=200)
             make_synthdoc_dataset(work / "router-data", cfg, 150, seed=2)
         result["data_seconds"] = time.perf_counter() - t
         stages = [stage for stage, _, _ in CHAIN]

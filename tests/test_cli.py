@@ -75,3 +75,43 @@ def test_info_counts_the_visor_blocks(capsys):
     assert added == 14_995_725 and f"visor_blocks     {added:>15,d}" in out
     total = sum(p.numel() for p in dense.parameters()) + added
     assert total == 908_671_277 and f"total            {total:>15,d}  (908.67 M)" in out
+
+
+def test_generate_sa_layers_and_tokenizer(tmp_path, capsys):
+    from visorlib.train.synthdoc import pages
+
+    image_path = tmp_path / "page.png"
+    image, _, _ = next(pages(20261201, 1, 32))
+    image.save(image_path)
+    base = ["generate", "--model", "visor-synthdoc-tiny", "--image", str(image_path), "--prompt", "what colour is the ink ?",
+            "--max-new-tokens", "3"]
+    model = visorlib.build("visor-synthdoc-tiny", pretrained=True).eval()
+    processor = visorlib.processor_for(model)
+    inputs = processor.chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is the ink ?"}]}],
+                            images=[image])
+    for flag, sa_layers in (("none", []), ("1,3", [1, 3]), ("router", "router")):
+        assert main([*base, "--sa-layers", flag]) == 0
+        out = model.generate(**inputs, max_new_tokens=3, sa_layers=sa_layers)
+        assert capsys.readouterr().out.strip() == processor.decode(out[0, inputs["input_ids"].shape[1]:])
+    # --tokenizer: a checkpoint folder without one answers with the tokenizer named on the command line.
+    model.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "ckpt" / "tokenizer.json").rename(tmp_path / "tok" / "tokenizer.json")
+    assert main([*ckpt_args(tmp_path, image_path)]) == 2  # no tokenizer anywhere: a clean error
+    assert "no tokenizer found" in capsys.readouterr().err
+    ckpt = ckpt_args(tmp_path, image_path)
+    assert main([*ckpt, "--tokenizer", str(tmp_path / "tok")]) == 0
+    out = model.generate(**inputs, max_new_tokens=3, sa_layers=[])
+    assert capsys.readouterr().out.strip() == processor.decode(out[0, inputs["input_ids"].shape[1]:])
+    # Wrong configurations are one-line errors naming the flag.
+    assert main([*base, "--sa-layers", "2"]) == 2
+    assert "--sa-layers '2'" in capsys.readouterr().err
+    assert main([*base, "--sa-layers", "all"]) == 2
+    assert "names 6 configurations" in capsys.readouterr().err
+    assert main([*ckpt, "--tokenizer", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def ckpt_args(tmp_path, image_path):
+    return ["generate", "--model", str(tmp_path / "ckpt"), "--image", str(image_path), "--prompt", "what colour is the ink ?",
+            "--max-new-tokens", "3", "--sa-layers", "none"]

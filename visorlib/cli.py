@@ -220,17 +220,37 @@ def cmd_generate(args: argparse.Namespace) -> None:
         model = zoo.build(args.model, pretrained=True, dtype=dtype, device=args.device)
     else:
         model = zoo.from_pretrained(args.model, dtype=dtype, device=args.device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the "images only" fallback warning becomes the error below
-        processor = processor_for(model)
+    sa_layers = _generate_configuration(model, args.sa_layers)
+    if args.tokenizer is not None:
+        processor = processor_for(model, args.tokenizer)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the "images only" fallback warning becomes the error below
+            processor = processor_for(model)
     if processor.tokenizer is None:
         raise UsageError(f"--model {args.model}: no tokenizer found (no tokenizer.json in the checkpoint folder, "
                          "none in the Hub cache for the card's hub_id); generate needs one to read the prompt")
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
     inputs = processor.chat([{"role": "user", "content": content}], images=images or None)
     inputs = {k: v.to(args.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    out = model.generate(**inputs, max_new_tokens=args.max_new_tokens)
+    out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, sa_layers=sa_layers)
     print(processor.decode(out[0, inputs["input_ids"].shape[1]:]))
+
+
+def _generate_configuration(model, spec: str | None):
+    """``--sa-layers`` as ``generate``'s ``sa_layers``: None (the card's default) or one configuration."""
+    if spec is None:
+        return None
+    from .eval.runner import parse_configs
+
+    try:
+        configs = parse_configs(model, spec)
+    except ValueError as err:
+        raise UsageError(str(err).replace("--configs", "--sa-layers")) from None
+    if len(configs) != 1:
+        raise UsageError(f"--sa-layers {spec!r}: names {len(configs)} configurations; generate runs one "
+                         "(e.g. '1,3', 'none', 'router' or 'default')")
+    return None if configs[0].sa_layers == "all" else configs[0].sa_layers
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -281,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--sa-layers", default=None,
+                   help="VISOR configuration: self-attention layers '1,3', 'none' (cross-attention only), "
+                        "'router' or 'default' (default: the card's)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder, tokenizer.json or Hub id "
+                   "(default: the checkpoint's folder, then the card's hub_id)")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("profile", help="real-size model, random weights: tokens, parameters, FLOPs, prefill time")
     p.add_argument("name")

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from ..flops import flops
 from ..models import set_train_mode
@@ -37,7 +38,8 @@ def full_configuration(plan) -> list[int]:
 
 
 @torch.inference_mode()
-def log_configurations(model, datasets, refs: Iterable[tuple[int, int]], pad_id: int, path: str | Path | None = None):
+def log_configurations(model, datasets, refs: Iterable[tuple[int, int]], pad_id: int, path: str | Path | None = None,
+                       progress: bool = False):
     """Per-sample correctness, matched prefix and loss for every viable configuration.
 
     Args:
@@ -46,6 +48,7 @@ def log_configurations(model, datasets, refs: Iterable[tuple[int, int]], pad_id:
         refs: ``(dataset, index)`` samples to evaluate.
         pad_id: Padding id for batching.
         path: Append the rows to this JSONL file too.
+        progress: Show a progress bar (one tick per sample).
 
     Returns:
         Rows ``{"dataset", "index", "configuration", "correct", "matched", "answer_tokens", "loss",
@@ -53,7 +56,7 @@ def log_configurations(model, datasets, refs: Iterable[tuple[int, int]], pad_id:
     """
     model.eval()
     rows = []
-    for d, i in refs:
+    for d, i in tqdm(list(refs), desc="router labels", disable=not progress, dynamic_ncols=True):
         sample = datasets[d][i]
         batch = _to(collate([sample], pad_id), model)
         labels = model.supervised_labels(batch["input_ids"], batch.pop("labels"))[0, 1:]
@@ -145,7 +148,8 @@ def held_out_task_accuracy(model, processor, datasets, held_out, configs, batch_
 
 
 def train_router(model, datasets, labels: dict[tuple[str, int], list[int]], pad_id: int, steps: int = 200,
-                 lr: float = 1e-3, batch_size: int = 8, eval_fraction: float = 0.2, seed: int = 0) -> dict[str, Any]:
+                 lr: float = 1e-3, batch_size: int = 8, eval_fraction: float = 0.2, seed: int = 0,
+                 progress: bool = False) -> dict[str, Any]:
     """Fit the router on pseudo-labels; returns held-out accuracy and FLOP savings.
 
     Only ``router.*`` parameters are updated. The routing pass stops after the router's layer, so a
@@ -161,7 +165,7 @@ def train_router(model, datasets, labels: dict[tuple[str, int], list[int]], pad_
     rng = random.Random(seed)
     losses = []
     set_train_mode(model)  # frozen parts (BatchNorm statistics) stay as they are
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="router train", disable=not progress, dynamic_ncols=True):
         chosen = [training[rng.randrange(len(training))] for _ in range(batch_size)]
         logits, targets = _router_logits(model, datasets, index, chosen, pad_id)
         loss = F.cross_entropy(logits, targets)
@@ -237,7 +241,7 @@ def run_router_stage(recipe, trainer) -> dict[str, Any]:
         refs = [(d, i) for d, dataset in enumerate(datasets) for i in range(min(len(dataset), spec.samples_per_dataset))]
         log_path = Path(spec.labels_file or out_dir / "configuration-log.jsonl")
         log_path.unlink(missing_ok=True)
-        rows = log_configurations(model, datasets, refs, pad, log_path)
+        rows = log_configurations(model, datasets, refs, pad, log_path, progress=recipe.logging.progress)
     labels = select_labels(rows, model.plan, spec.label_mode)
     # Training the router also trains the routing-token embedding, which every later layer sees:
     # the fixed configurations' task accuracy is measured on the held-out split before and after,
@@ -246,7 +250,7 @@ def run_router_stage(recipe, trainer) -> dict[str, Any]:
     fixed = [list(c) for c in model.plan.configurations]
     before = held_out_task_accuracy(model, trainer.processor, datasets, held_out, fixed, recipe.data.micro_batch_size)
     report = train_router(model, datasets, labels, pad, spec.steps, recipe.optim.lr, recipe.data.micro_batch_size,
-                          spec.eval_fraction, recipe.training.seed)
+                          spec.eval_fraction, recipe.training.seed, progress=recipe.logging.progress)
     report["task_accuracy_before_router_training"] = before
     report["task_accuracy"] = held_out_task_accuracy(model, trainer.processor, datasets, held_out, [*fixed, "router"],
                                                      recipe.data.micro_batch_size)

@@ -141,6 +141,27 @@ def all_questions(facts: dict, rng: random.Random) -> list[tuple[str, str, str]]
     return out
 
 
+#: The reading drill's answer key: what a text-only question (no page) is answered with. Arbitrary,
+#: but fixed and different per question, so answering it needs the question's words (see
+#: :func:`drill_turns`).
+DRILL = {"background": "white", "ink": "black",
+         "patterns": dict(zip(QUADRANTS, ("vertical", "horizontal", "checker", "dots"), strict=True))}
+
+
+def drill_turns(rng: random.Random) -> list[tuple[str, str, str]]:
+    """The seven questions of a text-only *reading drill* row, answered from :data:`DRILL`.
+
+    A decoder trained from scratch must find the one word that tells the questions apart
+    ("background" / "ink", "top left" / "bottom right") among about a hundred visual tokens, and
+    measured, it did not: a 4000-step dense run answered every background question with the ink
+    colour and every pattern question with whatever pattern was most common on the page. Without
+    the page the same model learns to read those words in about 75 steps, and keeps reading them
+    when pages come back (docs/synthdoc.md). Drill rows are that: the usual questions with no
+    page and a fixed answer key.
+    """
+    return all_questions(DRILL, rng)
+
+
 def pages(seed: int, count: int, tile: int, same_share: float = 0.0
           ) -> Iterator[tuple[Image.Image, dict, list[tuple[str, str, str]]]]:
     """``count`` pages of seed ``seed``: ``(image, facts, questions)``, deterministic."""
@@ -166,13 +187,14 @@ def write_tokenizer(folder: Path, cfg: ModelConfig) -> Path:
 
 
 def make_synthdoc_dataset(folder: str | Path, cfg: ModelConfig, pages_count: int = 2000, seed: int = 0,
-                          eval_pages: int | None = None, same_share: float = 0.0) -> Path:
+                          eval_pages: int | None = None, same_share: float = 0.0, drill_rows: int = 0) -> Path:
     """Write a synthdoc split to ``folder``; returns the training JSONL path.
 
     Files written: ``images/page_XXXXX.png``; ``data.jsonl`` (one seven-turn conversation per page,
     ``category: "mixed"``); ``easy.jsonl``, ``hard.jsonl``, ``pair.jsonl`` (one question per row,
-    the same seven questions of the first ``eval_pages`` pages); ``tokenizer.json``; ``meta.json``
-    (seed, tile, counts).
+    the same seven questions of the first ``eval_pages`` pages); ``drill.jsonl`` (``drill_rows``
+    text-only reading-drill conversations, see :func:`drill_turns`; only when ``drill_rows > 0``);
+    ``tokenizer.json``; ``meta.json`` (seed, tile, counts).
 
     Args:
         folder: Output folder (created).
@@ -182,6 +204,7 @@ def make_synthdoc_dataset(folder: str | Path, cfg: ModelConfig, pages_count: int
         seed: Everything is reproducible from it; use a seed never trained on for held-out data.
         eval_pages: Pages that also get single-question rows (default: all).
         same_share: Share of pages whose four stamps share one pattern (see :func:`render_page`).
+        drill_rows: Text-only reading-drill rows to write to ``drill.jsonl``.
     """
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -205,11 +228,18 @@ def make_synthdoc_dataset(folder: str | Path, cfg: ModelConfig, pages_count: int
                                       {"from": "gpt", "value": answer}],
                 })
     _write_jsonl(folder / "data.jsonl", mixed)
+    if drill_rows:
+        rng = random.Random(f"synthdoc-drill-{seed}")
+        drill = [{"id": f"drill-{index}", "category": "drill",
+                  "conversations": [{"from": who, "value": text} for _, question, answer in drill_turns(rng)
+                                    for who, text in (("human", question), ("gpt", answer))]}
+                 for index in range(drill_rows)]
+        _write_jsonl(folder / "drill.jsonl", drill)
     for category, rows in single.items():
         _write_jsonl(folder / f"{category}.jsonl", rows)
     write_tokenizer(folder, cfg)
     meta = {"task": "synthdoc", "seed": seed, "same_share": same_share, "tile": tile, "page_size": 2 * tile, "pages": pages_count,
-            "rows": {"mixed": len(mixed), **{c: len(r) for c, r in single.items()}}}
+            "rows": {"mixed": len(mixed), "drill": drill_rows, **{c: len(r) for c, r in single.items()}}}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return folder / "data.jsonl"
 
@@ -286,6 +316,8 @@ def add_data_parser(data_sub) -> None:
     p.add_argument("--same-share", type=float, default=0.0,
                    help="share of pages whose four stamps share one pattern (curriculum)")
     p.add_argument("--eval-pages", type=int, default=None, help="pages that also get single-question rows")
+    p.add_argument("--drill-rows", type=int, default=0,
+                   help="text-only reading-drill rows written to drill.jsonl (the first training stage)")
     p.set_defaults(func=_cmd_data)
 
 
@@ -296,11 +328,13 @@ def _cmd_data(args) -> None:
         raise ValueError(f"data synthdoc: --pages must be >= 1, got {args.pages}")
     if args.eval_pages is not None and not 0 <= args.eval_pages <= args.pages:
         raise ValueError(f"data synthdoc: --eval-pages must be in [0, --pages={args.pages}], got {args.eval_pages}")
+    if args.drill_rows < 0:
+        raise ValueError(f"data synthdoc: --drill-rows must be >= 0, got {args.drill_rows}")
     if not 0 <= args.same_share <= 1:
         raise ValueError(f"data synthdoc: --same-share must be in [0, 1], got {args.same_share}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"data synthdoc: output {out} exists and is not a folder")
     path = make_synthdoc_dataset(out, zoo.get_config(args.model), args.pages, args.seed, args.eval_pages,
-                                 same_share=args.same_share)
+                                 same_share=args.same_share, drill_rows=args.drill_rows)
     print(f"wrote {path} ({args.pages} pages, seed {args.seed}), easy/hard/pair.jsonl and tokenizer.json")
