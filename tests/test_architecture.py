@@ -266,7 +266,20 @@ def test_router_training_lowers_its_loss_and_changes_only_the_router(trained_rou
     assert loss_after < 0.9 * loss_before
     params = dict(model.named_parameters())
     changed = {k for k in params if not torch.equal(before[k], params[k])}
-    assert changed == {k for k in params if k.startswith("router.")}, sorted(changed)
+    # The MLP only: the routing token's embedding is an input of every later layer and stays.
+    assert changed == {k for k in params if k.startswith("router.") and k != "router.token"}, sorted(changed)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_router_training_leaves_every_fixed_configuration_unchanged(trained_router, case):
+    """Only the choice changes: under each fixed configuration the model answers as before."""
+    before, model, _, _, _ = trained_router(case)
+    untrained = build(case.tiny_cfg())
+    untrained.load_state_dict(before)
+    inputs = case.batch(model, [case.sample(model, v) for v in range(2)])
+    with torch.no_grad():
+        for config in model.plan.configurations:
+            assert torch.equal(model(**inputs, sa_layers=config).logits, untrained(**inputs, sa_layers=config).logits)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

@@ -196,6 +196,8 @@ class RouterSection:
         samples_per_dataset: Samples of each dataset evaluated under every configuration.
         steps: Router optimisation steps (batch size = ``data.micro_batch_size``, lr = ``optim.lr``).
         eval_fraction: Share of labelled samples held out to report router accuracy.
+        train_token: Also train the routing token's embedding (default False: only the router's
+            MLP learns, so the model's answers under each fixed configuration stay as they were).
     """
 
     labels_file: str | None = None
@@ -203,6 +205,7 @@ class RouterSection:
     samples_per_dataset: int = 200
     steps: int = 200
     eval_fraction: float = 0.2
+    train_token: bool = False
 
 
 @dataclass
