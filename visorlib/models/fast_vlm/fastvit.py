@@ -115,7 +115,10 @@ class FastVitTower(nn.Module):
             ``[N, (image_size // patch_size) ** 2, hidden_size]``, row-major over the feature map.
         """
         features = self.timm_model.forward_features(pixel_values)
-        return features.flatten(2).transpose(1, 2)
+        # Contiguous, as every other tower returns: a transposed view sends the projector's GEMM down a
+        # path whose bits depend on the operands' addresses, so two identical models disagreed in the
+        # last bit and a gathered copy (pre-LLM reduction) differed from the unreduced path.
+        return features.flatten(2).transpose(1, 2).contiguous()
 
 
 @register_vision_tower("fastvit", timm_fields=fastvit_fields_from_timm)

@@ -159,6 +159,8 @@ def pooling(features: torch.Tensor, spec: Pooling) -> Reduced:
     if grid * grid != t:
         raise ReductionSpecError(f"pooling needs a square token grid per tile, got {t} tokens")
     side = pooled_side(grid, spec.keep)
+    if side == grid:  # keep-all: return the rows themselves, bit for bit (a pooled copy's layout is not)
+        return Reduced(features, None, torch.full((n,), t, dtype=torch.long, device=features.device))
     maps = features.transpose(1, 2).reshape(n, d, grid, grid)
     pooled = F.adaptive_avg_pool2d(maps, side).flatten(2).transpose(1, 2)
     return Reduced(pooled, None, torch.full((n,), side * side, dtype=torch.long, device=features.device))
