@@ -228,3 +228,15 @@ def test_out_dir_holds_predictions_and_the_report(tiny, tmp_path):
     assert len((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()) == 1
     with pytest.raises(ValueError, match=r"several datasets are named \['data'\]"):
         evaluate(tiny[2], [str(tiny[1])] * 2, processor=tiny[3], progress=False)
+
+
+def test_the_table_prints_long_labels_whole_and_aligned():
+    from visorlib.eval.report import EvalReport, ReportRow
+
+    labels = ["8CA-2SA + visionzip(keep=128)", "8CA-2SA + vispruner(keep=128)"]
+    rows = [ReportRow("a-very-long-dataset-name", "all", label, 4, 50.0, "exact", 1e9, 1e9, 1e6, 0.1, 3.0)
+            for label in labels]
+    lines = EvalReport("m", labels, rows).table().splitlines()
+    assert all(any(label in line for line in lines) for label in labels)
+    assert "a-very-long-dataset-name" in lines[2]
+    assert len({line.index("50.00%") for line in lines[2:]}) == 1  # the number columns line up

@@ -98,8 +98,19 @@ class EvalReport:
         return path
 
     def table(self) -> str:
-        """Aligned text table: one block per dataset, a line per category x configuration."""
-        head = (f"{'dataset':16s} {'category':14s} {'configuration':22s} {'n':>5s} {'score':>7s} "
+        """Aligned text table: one block per dataset, a line per category x configuration.
+
+        The name columns are as wide as their longest entry: a truncated label (``8CA-2SA +
+        visionzip(...)`` vs ``8CA-2SA + vispruner(...)``) could make two rows look the same.
+        """
+        names = [(r.dataset, r.category, r.configuration) for r in self.rows]
+        widths = [max([len(title)] + [len(row[i]) for row in names]) for i, title in
+                  enumerate(("dataset", "category", "configuration"))]
+
+        def named(*values: str) -> str:
+            return " ".join(f"{v:{w}s}" for v, w in zip(values, widths, strict=True))
+
+        head = (f"{named('dataset', 'category', 'configuration')} {'n':>5s} {'score':>7s} "
                 f"{'LLM FLOPs':>12s} {'KV (bf16)':>10s} {'s/sample':>9s}  router choices")
         lines = [head, "-" * len(head)]
         previous = None
@@ -108,7 +119,7 @@ class EvalReport:
                 lines.append("")
             previous = r.dataset
             choices = " ".join(f"[{k}]x{v}" for k, v in r.choices.items())
-            lines.append(f"{r.dataset[:16]:16s} {r.category[:14]:14s} {r.configuration[:22]:22s} {r.samples:5d} "
+            lines.append(f"{named(r.dataset, r.category, r.configuration)} {r.samples:5d} "
                          f"{r.score:6.2f}% {human(r.flops, 'FLOP'):>12s} {human(r.kv_bytes, 'B'):>10s} "
                          f"{r.seconds:9.4f}  {choices}".rstrip())
         for item in self.skipped:
