@@ -41,6 +41,7 @@ from .. import zoo
 from ..config import ConfigError
 from ..hub import atomic_write_json, write_checkpoint
 from ..models import family_of, set_train_mode
+from ..visor.visorize import visorize
 from .data import BatchPlan, ConversationDataset, SkipMonitor, StepBatches, StepSampler, identity
 from .recipe import Recipe, recipe_differences
 from .runlock import RunDirError, RunLock, check_writable
@@ -134,8 +135,6 @@ def build_model(recipe: Recipe, device: torch.device):
             # A visorlib checkpoint carries its own architecture; a dense one becomes the card's VISOR model.
             model = zoo.from_pretrained(spec.pretrained, device=device)
             if model.cfg.visor is None and cfg.visor is not None:
-                from ..visor.language_model import visorize
-
                 model = visorize(model, cfg.visor)
             return model
         return zoo.build(spec.name, pretrained=spec.pretrained, device=device, **spec.overrides)
