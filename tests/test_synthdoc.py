@@ -41,7 +41,7 @@ EXPECTED_PAGES = 6
 EXPECTED_CORRECT = {"easy": list(range(12)), "hard": list(range(24)), "pair": list(range(6))}
 # The summed log-probability of the answer tokens per kind (teacher-forced, full configuration):
 # equally correct but different weights, or a changed pixel step, move it.
-EXPECTED_LOG_PROB = {"easy": -0.01710, "hard": -0.01303, "pair": -0.10221}
+EXPECTED_LOG_PROB = {"easy": -0.03577, "hard": -0.00572, "pair": -0.00265}
 
 
 def test_generator_is_deterministic_per_seed():

@@ -135,7 +135,7 @@ def build_model(recipe: Recipe, device: torch.device):
             # A visorlib checkpoint carries its own architecture; a dense one becomes the card's VISOR model.
             model = zoo.from_pretrained(spec.pretrained, device=device)
             if model.cfg.visor is None and cfg.visor is not None:
-                model = visorize(model, cfg.visor)
+                model = visorize(model, cfg.visor, warn=False)  # this run is the fine-tuning it asks for
             return model
         return zoo.build(spec.name, pretrained=spec.pretrained, device=device, **spec.overrides)
     return zoo.instantiate(cfg, device)
