@@ -50,18 +50,23 @@ def exported(work: Path, stage: str) -> Path:
     return run / (run / "latest").read_text().strip() / "model"
 
 
-def run_stage(work: Path, stage: str, recipe_name: str, parent: str | None, scale: float) -> dict:
-    """Train one recipe with its paths moved into ``work``; returns its timing and curve."""
+def run_stage(work: Path, stage: str, recipe_name: str, parent: str | None, scale: float, seed_offset: int = 0,
+              steps: int | None = None) -> dict:
+    """Train one recipe with its paths moved into ``work``; returns its timing and curve.
+
+    ``steps`` replaces the recipe's ``training.max_steps`` (before ``scale``).
+    """
     base = load_recipe(RECIPES / f"{recipe_name}.yaml")
     data = work / ("router-data" if stage == "router" else "data")
-    sets = [f"checkpoint.dir={work / stage}", f"data.tokenizer={data}"]
+    sets = [f"checkpoint.dir={work / stage}", f"data.tokenizer={data}",
+            f"training.seed={base.training.seed + seed_offset}"]
     if stage == "router":
         sets.append(f"data.datasets=[{', '.join(f'{{path: {data / k}.jsonl, name: {k}}}' for k in ('easy', 'hard', 'pair'))}]")
         sets.append(f"router.labels_file={work / stage / 'configuration-log.jsonl'}")
         sets.append(f"router.steps={max(2, int(base.router.steps * scale))}")
         sets.append(f"router.samples_per_dataset={max(2, int(base.router.samples_per_dataset * scale))}")
     else:
-        steps = max(2, int(base.training.max_steps * scale))
+        steps = max(2, int((steps or base.training.max_steps) * scale))
         source = data / "drill.jsonl" if stage == "read" else data
         sets += [f"data.datasets=[{{path: {source}, format: synthetic}}]", f"training.max_steps={steps}",
                  f"checkpoint.every_steps={steps}", f"logging.metrics_file={work / stage / 'metrics.jsonl'}",
@@ -86,11 +91,11 @@ def run_stage(work: Path, stage: str, recipe_name: str, parent: str | None, scal
     return out
 
 
-def score(folder: Path, pages: int, only=None) -> list[dict]:
+def score(folder: Path, pages: int, only=None, render=None) -> list[dict]:
     """Held-out rows of :func:`visorlib.demo.evaluate` for the model in ``folder``."""
     model = zoo.from_pretrained(folder)
     processor = zoo.processor_for(model)
-    rows = evaluate(model, processor, HELD_OUT_SEED, pages)
+    rows = evaluate(model, processor, HELD_OUT_SEED, pages, render)
     return [r for r in rows if only is None or r["sa_layers"] == only]
 
 
@@ -165,6 +170,8 @@ def main() -> None:
     parser.add_argument("--skip-training", action="store_true", help="only score the models already in --work")
     parser.add_argument("--start-at", choices=[stage for stage, _, _ in CHAIN], default="read",
                         help="reuse the data and the earlier stages already in --work")
+    parser.add_argument("--seed-offset", type=int, default=0,
+                        help="add this to every stage's training.seed (a second training seed of the same chain)")
     parser.add_argument("--ship", action="store_true", help="copy the trained models into zoo/weights/")
     parser.add_argument("--markdown", help="only print the table of this result JSON as Markdown")
     args = parser.parse_args()
@@ -176,7 +183,7 @@ def main() -> None:
     started = time.perf_counter()
     result: dict = {"machine": "shared 2-core CPU (other jobs running; timings are upper bounds)",
                     "threads": 1, "held_out_seed": HELD_OUT_SEED, "held_out_pages": args.pages,
-                    "scale": args.scale, "stages": {}}
+                    "scale": args.scale, "seed_offset": args.seed_offset, "stages": {}}
     if not args.skip_training:
         cfg = zoo.get_config("visor-synthdoc-tiny")
         t = time.perf_counter()
@@ -186,7 +193,7 @@ def main() -> None:
         result["data_seconds"] = time.perf_counter() - t
         stages = [stage for stage, _, _ in CHAIN]
         for stage, recipe, parent in CHAIN[stages.index(args.start_at):]:
-            result["stages"][stage] = run_stage(work, stage, recipe, parent, args.scale)
+            result["stages"][stage] = run_stage(work, stage, recipe, parent, args.scale, args.seed_offset)
         result["train_seconds"] = time.perf_counter() - started
     evaluation = {"dense": score(exported(work, "dense"), args.pages),
                   "universal": score(exported(work, "router"), args.pages),

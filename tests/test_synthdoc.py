@@ -198,7 +198,8 @@ def test_demo_runs_offline():
 
 def test_the_chain_has_every_recipe():
     assert {p.stem for p in RECIPES} == {"synthdoc-read", "synthdoc-dense", "synthdoc-stage1", "synthdoc-stage2",
-                                          "synthdoc-independent-1", "synthdoc-independent-full", "synthdoc-router"}
+                                          "synthdoc-independent-1", "synthdoc-independent-ca", "synthdoc-independent-full",
+                                          "synthdoc-router"}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])

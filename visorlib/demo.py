@@ -54,17 +54,18 @@ def language_model_flops(model, sample: dict, configuration) -> float:
     return flops(model, n_visual=n_visual, n_text=n_text, sa_layers=configuration).language_model
 
 
-def evaluate(model, processor, seed: int = HELD_OUT_SEED, pages: int = 30) -> list[dict[str, Any]]:
+def evaluate(model, processor, seed: int = HELD_OUT_SEED, pages: int = 30, render=None) -> list[dict[str, Any]]:
     """Accuracy per question kind, LLM FLOPs per sample and time, for every configuration.
 
     Returns:
         One row per configuration: ``label``, ``sa_layers``, ``accuracy`` (per kind and
         ``"all"``), ``gflops_per_sample`` (mean language-model prefill), ``seconds``, and for the
-        router ``choices`` (configuration label counts per kind).
+        router ``choices`` (configuration label counts per kind). ``render`` draws another page
+        layout (:func:`visorlib.train.synthdoc.pages`).
     """
     from .train.synthdoc import CATEGORIES, held_out_questions, score_samples
 
-    questions = held_out_questions(processor, seed, pages)
+    questions = held_out_questions(processor, seed, pages, render)
     flat = [s for c in CATEGORIES for s in questions[c]]
     rows = []
     for label, sa_layers in configurations_to_show(model):
@@ -87,6 +88,37 @@ def evaluate(model, processor, seed: int = HELD_OUT_SEED, pages: int = 30) -> li
             row["choices"] = choices
         rows.append(row)
     return rows
+
+
+def at_a_glance(rows: list[dict[str, Any]]) -> str:
+    """VISOR's point in three lines, computed from :func:`evaluate`'s rows of a VISOR model.
+
+    What the cheapest configuration answers and what it does not, what the full one adds, and how
+    the router spends self-attention layers per kind of question and what that costs.
+    """
+    by_label = {row["label"]: row for row in rows}
+    cheap, router = rows[0], by_label["router"]
+    full = max((row for row in rows if isinstance(row["sa_layers"], list)), key=lambda row: len(row["sa_layers"]))
+    kinds = [k for k in cheap["accuracy"] if k != "all"]
+    fails = [k for k in kinds if full["accuracy"][k] - cheap["accuracy"][k] >= 0.05]
+    knows = [k for k in kinds if k not in fails]
+
+    def accs(row, which):
+        return ", ".join(f"{k} {row['accuracy'][k]:.2f}" for k in which)
+
+    def with_sa(kind):
+        counts = router["choices"][kind]
+        return sum(n for label, n in counts.items() if label != cheap["label"]) / max(1, sum(counts.values()))
+
+    lines = [f"at a glance: {cheap['label']} answers {accs(cheap, knows) or 'no kind'}"
+             + (f" but not {accs(cheap, fails)}" if fails else "")
+             + (f"; {full['label']} answers those ({accs(full, fails)})" if fails else "")]
+    lines.append("  the router runs self-attention layers for " + ", ".join(
+        f"{100 * with_sa(k):.0f} % of {k}" for k in kinds) + " questions")
+    saving = full["gflops_per_sample"] / max(router["gflops_per_sample"], 1e-12)
+    share = router["accuracy"]["all"] / max(full["accuracy"]["all"], 1e-12)
+    lines.append(f"  and keeps {100 * share:.1f} % of {full['label']}'s accuracy at {saving:.2f}x fewer LLM FLOPs")
+    return "\n".join(lines)
 
 
 def answer(model, processor, image, question: str, sa_layers) -> tuple[str, Any]:
@@ -145,6 +177,7 @@ def run_demo(model_name: str = "visor-synthdoc-tiny", examples: int = 2, pages: 
     router = next((r for r in rows if r["label"] == "router"), None)
     if router is not None:
         print("  router choices: " + "; ".join(f"{c}: {dict(sorted(v.items()))}" for c, v in router["choices"].items()))
+        print("\n" + at_a_glance(rows))
     result = {"model": model_name, "seed": seed, "pages": pages, "threads": torch.get_num_threads(), "rows": rows,
               "seconds": time.perf_counter() - started}
     print(f"\ndone in {result['seconds']:.1f} s")

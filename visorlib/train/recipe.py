@@ -236,8 +236,10 @@ class Recipe:
         train, data, opt = self.training, self.data, self.optim
         need(train.stage in (1, 2, "router"), "training.stage", "1, 2 or 'router'", train.stage)
         need(train.mode in MODES, "training.mode", f"one of {MODES}", train.mode)
-        if train.mode == "independent" and not train.configuration:
-            raise ConfigError(f"{where}: training.mode 'independent' needs training.configuration")
+        # [] is a configuration (cross-attention only), so only a missing one is refused.
+        if train.mode == "independent" and train.configuration is None:
+            raise ConfigError(f"{where}: training.mode 'independent' needs training.configuration "
+                              "(a list of SA layers; [] = cross-attention only)")
         need(self.router.label_mode in ("dataset", "sample"), "router.label_mode", "'dataset' or 'sample'",
              self.router.label_mode)
         need(data.on_error in ("skip", "raise"), "data.on_error", "'skip' or 'raise'", data.on_error)

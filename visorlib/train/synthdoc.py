@@ -41,13 +41,16 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from ..config import ModelConfig
+
+#: A page layout: ``(rng, tile) -> (image, facts)`` with the facts :func:`render_page` returns.
+Renderer = Callable[[random.Random, int], tuple[Image.Image, dict]]
 
 #: Light backgrounds and dark inks: every (background, ink) pair has strong contrast.
 BACKGROUNDS = {"white": (245, 245, 245), "yellow": (240, 220, 90), "pink": (245, 170, 200),
@@ -162,12 +165,16 @@ def drill_turns(rng: random.Random) -> list[tuple[str, str, str]]:
     return all_questions(DRILL, rng)
 
 
-def pages(seed: int, count: int, tile: int, same_share: float = 0.0
+def pages(seed: int, count: int, tile: int, same_share: float = 0.0, render: Renderer | None = None
           ) -> Iterator[tuple[Image.Image, dict, list[tuple[str, str, str]]]]:
-    """``count`` pages of seed ``seed``: ``(image, facts, questions)``, deterministic."""
+    """``count`` pages of seed ``seed``: ``(image, facts, questions)``, deterministic.
+
+    ``render(rng, tile)`` draws another page layout with the same facts and questions (default:
+    :func:`render_page` with ``same_share``); ``benchmarks/synthdoc_unmarked.py`` uses it.
+    """
     rng = random.Random(f"synthdoc-{seed}")
     for _ in range(count):
-        image, facts = render_page(rng, tile, same_share)
+        image, facts = render_page(rng, tile, same_share) if render is None else render(rng, tile)
         yield image, facts, all_questions(facts, rng)
 
 
@@ -187,7 +194,8 @@ def write_tokenizer(folder: Path, cfg: ModelConfig) -> Path:
 
 
 def make_synthdoc_dataset(folder: str | Path, cfg: ModelConfig, pages_count: int = 2000, seed: int = 0,
-                          eval_pages: int | None = None, same_share: float = 0.0, drill_rows: int = 0) -> Path:
+                          eval_pages: int | None = None, same_share: float = 0.0, drill_rows: int = 0,
+                          render: Renderer | None = None) -> Path:
     """Write a synthdoc split to ``folder``; returns the training JSONL path.
 
     Files written: ``images/page_XXXXX.png``; ``data.jsonl`` (one seven-turn conversation per page,
@@ -205,6 +213,7 @@ def make_synthdoc_dataset(folder: str | Path, cfg: ModelConfig, pages_count: int
         eval_pages: Pages that also get single-question rows (default: all).
         same_share: Share of pages whose four stamps share one pattern (see :func:`render_page`).
         drill_rows: Text-only reading-drill rows to write to ``drill.jsonl``.
+        render: Another page layout (see :func:`pages`).
     """
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -212,7 +221,7 @@ def make_synthdoc_dataset(folder: str | Path, cfg: ModelConfig, pages_count: int
     eval_pages = pages_count if eval_pages is None else eval_pages
     mixed: list[dict] = []
     single: dict[str, list[dict]] = {c: [] for c in CATEGORIES}
-    for index, (image, _, qa) in enumerate(pages(seed, pages_count, tile, same_share)):
+    for index, (image, _, qa) in enumerate(pages(seed, pages_count, tile, same_share, render)):
         name = f"images/page_{index:05d}.png"
         image.save(folder / name)
         conversation = []
@@ -258,14 +267,14 @@ def encode_question(processor, image: Image.Image, question: str, answer: str) -
     return processor.encode_turns([("user", f"<image>\n{question}"), ("assistant", answer)], [image])
 
 
-def held_out_questions(processor, seed: int, count: int) -> dict[str, list[dict]]:
+def held_out_questions(processor, seed: int, count: int, render: Renderer | None = None) -> dict[str, list[dict]]:
     """Encoded single-question samples of ``count`` pages of ``seed``, per category.
 
     Every page gives its seven training-style questions (both easy ones, the hard one for each
     quadrant, one pair), so the categories have ``2 * count``, ``4 * count`` and ``count`` samples.
     """
     out: dict[str, list[dict]] = {c: [] for c in CATEGORIES}
-    for image, _, qa in pages(seed, count, processor.cfg.vision.image_size):
+    for image, _, qa in pages(seed, count, processor.cfg.vision.image_size, render=render):
         for category, question, answer in qa:
             sample = encode_question(processor, image, question, answer)
             sample["category"], sample["question"], sample["answer"] = category, question, answer
