@@ -316,14 +316,14 @@ def evaluate(
     if lock:
         lock.acquire()  # before reading: a second run appending at once would interleave lines
     try:
-        return _run(model, processor, samples, columns, datasets, skipped, path, from_folder, batch_size,
+        return _run(model, processor, samples, columns, skipped, path, from_folder, batch_size,
                     max_new_tokens, on_error, mix_configs, progress, max_skip_fraction, out_dir)
     finally:
         if lock:
             lock.release()
 
 
-def _run(model, processor, samples, columns, datasets, skipped, path, from_folder, batch_size, max_new_tokens,
+def _run(model, processor, samples, columns, skipped, path, from_folder, batch_size, max_new_tokens,
          on_error, mix_configs, progress, max_skip_fraction, out_dir) -> EvalReport:
     """Reuse what the predictions file holds, generate the rest, and build the report."""
     run = {"model": model.cfg.name, "max_new_tokens": max_new_tokens}
@@ -334,13 +334,14 @@ def _run(model, processor, samples, columns, datasets, skipped, path, from_folde
         digests = {s.key: sample_digest(s) for s in samples}
         expected = {(s.key, c.label): line_fingerprint(run, c, digests[s.key]) for s in samples for c in columns}
     cached = {r["fingerprint"]: r for r in (read_predictions(path) if path else []) if r.get("fingerprint")}
+    wanted = set(expected.values())
     records = [cached[fp] for fp in expected.values() if fp in cached]
     done = {(r["sample"], r["configuration"]) for r in records}
     broken = {r["sample"] for r in skipped if "sample" in r}
     todo = [(s, c) for s in samples for c in columns if (s.key, c.label) not in done]
     summary = {"file": str(path) if path else None, "reused": len(records), "total": len(expected),
-               "stale": sum(1 for r in cached.values() if (r["sample"], r["configuration"]) in expected
-                            and r["fingerprint"] not in expected.values())}
+               "stale": sum(1 for fp, r in cached.items() if (r["sample"], r["configuration"]) in expected
+                            and fp not in wanted)}
     bar = _progress(len(todo), progress)
     handle = open(path, "a") if path else None
     context = (model.cfg.decoder.max_position_embeddings, max_new_tokens)
