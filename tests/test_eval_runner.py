@@ -137,7 +137,7 @@ def test_broken_rows_are_reported_with_file_and_index_under_the_users_policy(tin
     _, data, model, processor = tiny
     path = bad_data(tmp_path, data)
     report = evaluate(model, str(path), configs="1,4", max_new_tokens=2, progress=False, processor=processor,
-                      image_root=str(data.parent))
+                      image_root=str(data.parent), max_skip_fraction=1.0)
     assert [(s["file"], s["index"]) for s in report.skipped] == [(str(path), 1), (str(path), 2)]
     assert "not found" in report.skipped[0]["error"] and "no reference answer" in report.skipped[1]["error"]
     assert report.row("bad", "1,4").samples == 1
@@ -145,6 +145,8 @@ def test_broken_rows_are_reported_with_file_and_index_under_the_users_policy(tin
     with pytest.raises(DataError, match=rf"{path}\[1\]: image .*missing.png not found"):
         evaluate(model, str(path), configs="1,4", on_error="fail", progress=False, processor=processor,
                  image_root=str(data.parent))
+    with pytest.raises(runner.EvalIncomplete, match=r"2 of 3 samples were skipped .*--max-skip-fraction=0.1"):
+        evaluate(model, str(path), configs="1,4", progress=False, processor=processor, image_root=str(data.parent))
 
 
 def test_configs_are_parsed_and_checked(tiny):

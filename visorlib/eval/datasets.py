@@ -27,6 +27,7 @@ from PIL import Image
 from ..train.data import ROLES, ConversationDataset, DataError
 from ..train.recipe import DatasetSpec
 from .metrics import METRICS
+from .report import ALL
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 LETTER_ANSWER = "\nAnswer with the option's letter from the given choices directly."
@@ -46,6 +47,12 @@ class EvalSample:
         category: Optional sub-group (a table row of its own).
         metric_options: Extra keyword arguments of the metric (e.g. the number of options).
         image_loader: Returns the sample's images; raises :class:`DataError` when one is broken.
+        files: The image files it reads (hashed into its predictions' fingerprint; never an output).
+        image_id: What identifies images that are not files (a Hub table's fingerprint and row).
+
+    Raises:
+        DataError: ``category`` is ``"all"``, the name of the report's whole-dataset row (a row of
+            that category would be counted twice in it).
     """
 
     dataset: str
@@ -57,6 +64,13 @@ class EvalSample:
     category: str | None = None
     metric_options: dict[str, Any] = field(default_factory=dict)
     image_loader: Callable[[], list[Image.Image]] = list
+    files: tuple[str, ...] = ()
+    image_id: str = ""
+
+    def __post_init__(self):
+        if self.category == ALL:
+            raise DataError(f"{self.source}[{self.index}]: category {ALL!r} is reserved for the report's row of "
+                            "the whole dataset; rename the category")
 
     @property
     def key(self) -> str:
@@ -86,8 +100,24 @@ def _answers(value: Any) -> list[str]:
     return [str(value)]
 
 
+def _local_answers(value: Any, where: str) -> list[str]:
+    """A row's ``answers``: a string or number, or a non-empty list of them.
+
+    Anything else is refused rather than turned into text: ``[null]`` would make ``"None"`` a
+    reference answer, and a dict or ``true`` is not an answer a model can give.
+    """
+    def plain(v: Any) -> bool:
+        return isinstance(v, (str, int, float)) and not isinstance(v, bool)
+
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(plain(v) for v in items):
+        got = f"{type(value).__name__} {value!r}"
+        raise DataError(f"{where}: 'answers' must be a string or a list of strings, got {got[:80]}")
+    return [str(v) for v in items]
+
+
 def load_local(path: str | Path, image_root: str | None = None, metric: str = "exact_match",
-               name: str | None = None) -> EvalDataset:
+               name: str | None = None, allow_outside_image_root: bool = False) -> EvalDataset:
     """A LLaVA-style JSON / JSONL file as evaluation samples.
 
     Args:
@@ -96,12 +126,24 @@ def load_local(path: str | Path, image_root: str | None = None, metric: str = "e
         metric: Metric of rows without a ``metric`` field.
         name: Dataset name (default: the file's stem).
 
+        allow_outside_image_root: Accept image paths that leave the image root.
+
     Returns:
         The samples; rows without a question, without a reference answer, with an unknown
         metric or with a missing image are listed in ``problems`` as ``(index, message)``.
+
+    Raises:
+        DataError: The file cannot be read, ``metric`` is unknown or ``image_root`` is not a folder
+            (each would break every row).
     """
+    if metric not in METRICS:
+        raise DataError(f"--metric {metric!r} is not a metric (known: {', '.join(sorted(METRICS))})")
+    if image_root is not None and not Path(image_root).is_dir():
+        raise DataError(f"--image-root {image_root}: {'not a folder' if Path(image_root).exists() else 'not found'}")
     # The training dataset reads the rows and opens images; its processor is not needed here.
-    source = ConversationDataset(DatasetSpec(path=str(path), image_root=image_root, name=name), None, max_length=0)
+    source = ConversationDataset(DatasetSpec(path=str(path), image_root=image_root, name=name), None, max_length=0,
+                                 allow_outside_image_root=allow_outside_image_root,
+                                 outside_root_option="--allow-outside-image-root (visorlib eval)")
     return from_training_data(source, metric=metric)
 
 
@@ -128,17 +170,18 @@ def _local_sample(source: ConversationDataset, index: int, row: dict, metric: st
     questions = [text for role, text in turns if role == "user" and isinstance(text, str)]
     if not questions:
         raise DataError(f"{where}: no question (a 'human' turn in 'conversations')")
-    answers = _answers(row["answers"]) if "answers" in row else [t for r, t in turns if r == "assistant"][:1]
+    answers = _local_answers(row["answers"], where) if "answers" in row else \
+        [t for r, t in turns if r == "assistant"][:1]
     if not answers or not all(isinstance(a, str) for a in answers):
         raise DataError(f"{where}: no reference answer (an 'answers' field or a 'gpt' turn)")
     row_metric = row.get("metric", metric)
     if row_metric not in METRICS:
         raise DataError(f"{where}: unknown metric {row_metric!r} (known: {', '.join(sorted(METRICS))})")
-    if source._media(row, "video"):
+    if source.media(index, "video"):
         raise DataError(f"{where}: video rows are not supported by visorlib eval")
-    relative = source._media(row, "images")
+    relative = source.media(index, "images")
     for name in relative:
-        if isinstance(name, str) and name and not (source.root / name).exists():
+        if not (source.root / name).exists():
             raise DataError(f"{where}: image {source.root / name} not found")
     question = questions[0]
     if relative and "<image>" not in question:
@@ -146,7 +189,8 @@ def _local_sample(source: ConversationDataset, index: int, row: dict, metric: st
     category = row.get("category")
     return EvalSample(source.name, index, str(source.path), question, answers, row_metric,
                       None if category is None else str(category),
-                      image_loader=lambda: [source._open(index, name) for name in relative])
+                      image_loader=lambda: [source._open(index, name) for name in relative],
+                      files=tuple(str(source.root / name) for name in relative))
 
 
 # -- benchmark task specs ----------------------------------------------------------------------------
@@ -254,11 +298,19 @@ def load_task(name: str, path: str | Path | None = None, split: str | None = Non
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r} (known: {', '.join(sorted(TASKS))})")
     spec = TASKS[name]
-    datasets = _require_datasets()
-    split = split or spec.split
     source = str(path or spec.hub_id)
     folder = Path(source)
-    if folder.is_dir() and any((folder / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
+    saved = ("dataset_info.json", "dataset_dict.json", "state.json")
+    if path is not None and folder.is_dir() and not any((folder / f).exists() for f in saved):
+        # load_dataset would read the folder as a dataset script / data files and fail with a
+        # BuilderConfig error that names neither the folder nor what it should hold.
+        raise DataError(f"--data {name}={path}: {path} is not a folder written by Dataset.save_to_disk (it has "
+                        f"none of {', '.join(saved)})")
+    if path is not None and folder.exists() and not folder.is_dir():
+        raise DataError(f"--data {name}={path}: {path} is a file; give a folder written by Dataset.save_to_disk")
+    datasets = _require_datasets()
+    split = split or spec.split
+    if folder.is_dir() and any((folder / f).exists() for f in saved):
         table = datasets.load_from_disk(str(folder))
         if isinstance(table, datasets.DatasetDict):
             if split not in table:
@@ -283,9 +335,13 @@ def load_task(name: str, path: str | Path | None = None, split: str | None = Non
             problems.append((index, f"{source}[{index}]: no reference answer"))
             continue
         category = doc.get(spec.category_column) if spec.category_column else None
-        samples.append(EvalSample(name, index, source, "<image>\n" + question, answers, spec.metric,
-                                  None if category is None else str(category), options,
-                                  image_loader=_hf_image_loader(table, spec.image_column, index, source)))
+        try:
+            samples.append(EvalSample(name, index, source, "<image>\n" + question, answers, spec.metric,
+                                      None if category is None else str(category), options,
+                                      image_loader=_hf_image_loader(table, spec.image_column, index, source),
+                                      image_id=f"{getattr(table, '_fingerprint', source)}/{index}"))
+        except DataError as err:
+            problems.append((index, str(err)))
     return EvalDataset(name, source, samples, problems)
 
 
@@ -302,12 +358,15 @@ def _hf_image_loader(table, column: str, index: int, source: str) -> Callable[[]
     return load
 
 
-def load_data(spec: str, metric: str = "exact_match", image_root: str | None = None) -> EvalDataset:
+def load_data(spec: str, metric: str = "exact_match", image_root: str | None = None,
+              allow_outside_image_root: bool = False) -> EvalDataset:
     """One ``--data`` argument: ``file.json[l]``, ``task`` or ``task=path`` (see :data:`TASKS`)."""
     name, _, path = spec.partition("=")
     if name in TASKS:
+        if metric not in METRICS:
+            raise DataError(f"--metric {metric!r} is not a metric (known: {', '.join(sorted(METRICS))})")
         return load_task(name, path or None)
     if Path(spec).suffix in (".json", ".jsonl"):
-        return load_local(spec, image_root, metric)
+        return load_local(spec, image_root, metric, allow_outside_image_root=allow_outside_image_root)
     raise ValueError(f"--data {spec!r}: expected a .json/.jsonl file, a task name or task=path "
                      f"(tasks: {', '.join(sorted(TASKS))})")

@@ -19,6 +19,8 @@ from typing import Any
 from ..profiling import human
 
 ALL = "all"
+#: The ``Software`` tag of the plots written here (an existing plot without it is never overwritten).
+PLOT_SOFTWARE = "visorlib eval"
 
 
 @dataclass
@@ -48,12 +50,15 @@ class EvalReport:
         configurations: Column labels, in the order requested.
         rows: One :class:`ReportRow` per dataset x category (``"all"`` first) x configuration.
         skipped: Broken rows: ``{"dataset", "file", "index", "error"}``.
+        predictions: What the predictions file gave: ``{"file", "reused", "total"}`` (not saved in
+            the report's JSON, so a resumed run's report equals an uninterrupted one's).
     """
 
     model: str
     configurations: list[str]
     rows: list[ReportRow]
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    predictions: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_records(cls, records: list[dict[str, Any]], model: str, configurations: list[str],
@@ -159,6 +164,7 @@ class EvalReport:
         fig.suptitle(f"{self.model}: accuracy vs FLOPs")
         fig.tight_layout()
         path = Path(path)
-        fig.savefig(path, dpi=120)
+        # Tagged so that a later run may overwrite this plot, and no other file (eval.cache.check_outputs).
+        fig.savefig(path, dpi=120, metadata={"Software": PLOT_SOFTWARE} if path.suffix.lower() == ".png" else None)
         plt.close(fig)
         return path

@@ -26,99 +26,27 @@ from ..flops import decode_step_flops, flops, kv_bytes_per_token
 from ..processing.chat import IM_START
 from ..profiling import _sync
 from ..train.data import DataError, collate
+from .cache import (
+    PredictionsLock,
+    check_outputs,
+    checkpoint_fingerprint,
+    line_fingerprint,
+    read_predictions,
+    sample_digest,
+)
+from .configs import (  # noqa: F401  (re-exported: runner.parse_configs is where callers look)
+    CONFIG_GRAMMAR,
+    ROUTER,
+    Configuration,
+    parse_configs,
+    reduction_label,
+    with_reductions,
+)
 from .datasets import EvalDataset, EvalSample, load_data
 from .metrics import score
 from .report import EvalReport
 
 log = logging.getLogger("visorlib.eval")
-ROUTER = "router"
-
-
-@dataclass(frozen=True)
-class Configuration:
-    """One column of the evaluation: a label, what ``sa_layers`` to run it with and its token reduction."""
-
-    label: str
-    sa_layers: Any  # a list of layers, "all" (a dense model) or "router"
-    token_reduction: Any = None  # a spec (docs/token-reduction.md); None: the card's
-
-    @property
-    def reduction_key(self) -> str:
-        """The spec as text: samples are encoded once per spec (a pre-LLM method changes the prompt)."""
-        return json.dumps(self.token_reduction, sort_keys=True)
-
-
-def with_reductions(columns: list[Configuration], specs: Sequence[Any]) -> list[Configuration]:
-    """``columns``, then every column again under each token-reduction spec (label ``"1,4 + visionzip"``).
-
-    Raises:
-        ReductionSpecError: A bad spec (before any sample is generated).
-    """
-    from ..visor.reduction import parse_reduction
-
-    out = list(columns)
-    for spec in specs:
-        parse_reduction(spec, "--token-reduction")
-        name = reduction_label(spec)
-        out += [Configuration(f"{c.label} + {name}", c.sa_layers, spec) for c in columns]
-    return out
-
-
-def reduction_label(spec: Any) -> str:
-    """``visionzip`` for a method at its defaults, else its keys: ``visionzip(keep=64)``, ``pooling+fastv``."""
-    items = spec if isinstance(spec, (list, tuple)) else [spec]
-    parts = []
-    for item in items:
-        extra = ",".join(f"{k}={v}" for k, v in item.items() if k != "method")
-        parts.append(f"{item['method']}({extra})" if extra else item["method"])
-    return "+".join(parts)
-
-
-def parse_configs(model, spec: str | Sequence[Any] | None) -> list[Configuration]:
-    """Configurations named by ``spec``.
-
-    ``"default"`` (the card's default configuration), ``"all"`` (every configuration of the plan,
-    then the router when there is one), ``"router"``, or layer lists such as ``"1,4"``; several
-    separated by ``;`` (``"router;1,4;1,4,7"``); ``none`` is the configuration that executes no
-    self-attention layer. A dense model has the single ``dense`` column.
-    """
-    plan = model.plan
-    items = spec if isinstance(spec, (list, tuple)) else str(spec or "default").split(";")
-    out: list[Configuration] = []
-    for item in items:
-        item = item.strip() if isinstance(item, str) else item
-        if item == "":
-            continue  # "1,4;" is one configuration, not an empty one too
-        if item in ("none", "[]"):
-            item = []  # the configuration that executes no self-attention layer (CA only)
-        if plan.dense:
-            if item not in ("default", "all", "dense"):
-                raise ValueError(f"--configs {item!r}: {model.cfg.name} is a dense model (only 'default'/'all')")
-            out.append(Configuration("dense", "all"))
-        elif item == "default":
-            out.append(Configuration(_label(plan.default), plan.default))
-        elif item == "all":
-            out += [Configuration(_label(c), c) for c in plan.configurations]
-            if model.router is not None:
-                out.append(Configuration(ROUTER, ROUTER))
-        elif item == ROUTER:
-            if model.router is None:
-                raise ValueError(f"--configs router: {model.cfg.name} has no router")
-            out.append(Configuration(ROUTER, ROUTER))
-        else:
-            layers = item if isinstance(item, (list, tuple)) else [p for p in item.strip("[] ").split(",") if p.strip()]
-            try:
-                config = plan.validate([int(p) for p in layers])
-            except ValueError as err:
-                raise ValueError(f"--configs {item!r}: {err}") from err
-            out.append(Configuration(_label(config), config))
-    unique = {c.label: c for c in out}  # a configuration named twice is evaluated once
-    return list(unique.values())
-
-
-def _label(config: Sequence[int]) -> str:
-    """``"1,4"``; ``"none"`` for the configuration without self-attention layers."""
-    return ",".join(str(i) for i in config) or "none"
 
 
 # -- encoding and generation (shared with the lmms-eval plugin) --------------------------------------
@@ -248,25 +176,46 @@ def _load_model(model_or_path, device, dtype):
     return zoo.from_pretrained(name, device=device, dtype=dtype)
 
 
-def read_predictions(path: Path) -> list[dict[str, Any]]:
-    """Complete lines of a predictions file; a line cut short by a kill is dropped (and rewritten away)."""
-    if not path.exists():
-        return []
-    records, broken = [], 0
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            broken += 1
-    if broken:
-        log.warning("%s: dropped %d incomplete line(s) left by an interrupted run", path, broken)
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return records
+def _processor(model, tokenizer):
+    import warnings
+
+    from ..zoo import processor_for
+
+    if tokenizer is not None:
+        return processor_for(model, tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the "images only" fallback warning becomes the error below
+        processor = processor_for(model)
+    if processor.tokenizer is None:
+        folder = getattr(model, "checkpoint_dir", None)
+        raise ValueError(f"{model.cfg.name}: no tokenizer found (no tokenizer.json in {folder or 'the checkpoint'}, "
+                         "none in the Hub cache for the card's hub_id); pass --tokenizer (a folder, tokenizer.json "
+                         "or Hub id)")
+    return processor
 
 
-def _datasets(data, metric: str, image_root: str | None) -> list[EvalDataset]:
+class EvalIncomplete(DataError):
+    """Nothing was evaluated, or more samples were skipped than allowed; ``report`` holds what was (or None)."""
+
+    def __init__(self, message: str, report: EvalReport | None = None):
+        super().__init__(message)
+        self.report = report
+
+
+def _check_skips(skipped: list[dict], evaluated: int, max_skip_fraction: float, report=None) -> None:
+    """Raise :class:`EvalIncomplete` when nothing was evaluated or the skipped share passes the ceiling."""
+    first = f"; first: {skipped[0]['error']}" if skipped else ""
+    if not evaluated:
+        raise EvalIncomplete(f"nothing was evaluated ({len(skipped)} sample(s) skipped{first})", report)
+    total = evaluated + len(skipped)
+    if len(skipped) > max_skip_fraction * total:
+        raise EvalIncomplete(f"{len(skipped)} of {total} samples were skipped ({len(skipped) / total:.0%}, more than "
+                             f"--max-skip-fraction={max_skip_fraction}){first}", report)
+
+
+def _datasets(data, metric: str, image_root: str | None, allow_outside: bool) -> list[EvalDataset]:
     items = data if isinstance(data, (list, tuple)) else [data]
-    return [d if isinstance(d, EvalDataset) else load_data(str(d), metric, image_root) for d in items]
+    return [d if isinstance(d, EvalDataset) else load_data(str(d), metric, image_root, allow_outside) for d in items]
 
 
 def _apply_policy(datasets: list[EvalDataset], on_error: str, skipped: list[dict]) -> None:
@@ -296,6 +245,9 @@ def evaluate(
     dtype: torch.dtype | None = None,
     progress: bool = True,
     token_reductions: Sequence[Any] = (),
+    tokenizer: str | Path | None = None,
+    max_skip_fraction: float = 0.1,
+    allow_outside_image_root: bool = False,
 ) -> EvalReport:
     """Evaluate a model on datasets under several configurations.
 
@@ -307,7 +259,9 @@ def evaluate(
         limit: Evaluate the first ``limit`` samples of each dataset.
         batch_size: Prompts generated together (left padded).
         out_dir: Write ``predictions.jsonl`` and ``report.json`` here (unless ``predictions`` is given).
-        predictions: The predictions JSONL; lines already in it are not generated again (resume).
+        predictions: The predictions JSONL, a cache (:mod:`visorlib.eval.cache`): a line whose
+            fingerprint (checkpoint, dtype, configuration, sample, ...) matches is reused, any other
+            is generated again; the file is locked for the run.
         max_new_tokens: Longest answer.
         on_error: ``"skip"`` a broken row (listed in the report) or ``"fail"`` on it.
         mix_configs: Put different configurations into one batch (one ``sa_layers`` list per
@@ -322,54 +276,82 @@ def evaluate(
         token_reductions: Token-reduction specs (``docs/token-reduction.md``): every configuration
             is evaluated again under each (columns ``"1,4 + visionzip"``), FLOPs and KV bytes counted
             under it.
+        tokenizer: Where the tokenizer is (a folder, ``tokenizer.json`` or Hub id) when the
+            checkpoint has none beside it.
+        max_skip_fraction: Largest accepted share of skipped (broken) samples.
+        allow_outside_image_root: Accept image paths that leave the image root.
+
+    Raises:
+        EvalIncomplete: Nothing was evaluated, or more than ``max_skip_fraction`` of the samples
+            were skipped (its ``report`` holds what was evaluated; predictions are kept).
+        DataError: A bad data file or predictions file, or an output that would overwrite an input.
     """
     if on_error not in ("skip", "fail"):
         raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    datasets = _datasets(data, metric, image_root)  # data errors before the (slower) model load
+    if not 0 <= max_skip_fraction <= 1:
+        raise ValueError(f"--max-skip-fraction must be between 0 and 1, got {max_skip_fraction}")
+    datasets = _datasets(data, metric, image_root, allow_outside_image_root)  # before the (slower) model load
     names = [d.name for d in datasets]
     if len(set(names)) < len(names):
         raise ValueError(f"several datasets are named {sorted({n for n in names if names.count(n) > 1})}: samples "
                          "are keyed by dataset name; rename a file or pass EvalDatasets with distinct names")
-    model = _load_model(model_or_path, device, dtype)
-    if processor is None:
-        from ..zoo import processor_for
-
-        processor = processor_for(model)
-    if processor.tokenizer is None:
-        raise ValueError("evaluation needs the model's tokenizer (tokenizer.json beside the checkpoint)")
-    columns = with_reductions(parse_configs(model, configs), token_reductions)
+    if out_dir is not None:
+        predictions = predictions or Path(out_dir) / "predictions.jsonl"
+    path = Path(predictions) if predictions else None
+    check_outputs([("--predictions", path, "predictions"),
+                   ("report.json", out_dir and Path(out_dir) / "report.json", "report")], datasets)
     skipped: list[dict] = []
     _apply_policy(datasets, on_error, skipped)
     samples = [s for d in datasets for s in (d.samples[:limit] if limit else d.samples)]
+    _check_skips(skipped, len(samples), max_skip_fraction)  # a wrong --image-root fails before the model loads
+    model = _load_model(model_or_path, device, dtype)
+    from_folder = isinstance(model_or_path, (str, Path))  # loaded here, unchanged: its files identify it
+    processor = processor or _processor(model, tokenizer)
+    columns = with_reductions(parse_configs(model, configs), token_reductions)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        predictions = predictions or Path(out_dir) / "predictions.jsonl"
-    path = Path(predictions) if predictions else None
-    records = read_predictions(path) if path else []
-    wanted = {(s.key, c.label) for s in samples for c in columns}
+    lock = PredictionsLock(path) if path else None
+    if lock:
+        lock.acquire()  # before reading: a second run appending at once would interleave lines
+    try:
+        return _run(model, processor, samples, columns, skipped, path, from_folder, batch_size,
+                    max_new_tokens, on_error, mix_configs, progress, max_skip_fraction, out_dir)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _run(model, processor, samples, columns, skipped, path, from_folder, batch_size, max_new_tokens,
+         on_error, mix_configs, progress, max_skip_fraction, out_dir) -> EvalReport:
+    """Reuse what the predictions file holds, generate the rest, and build the report."""
     run = {"model": model.cfg.name, "max_new_tokens": max_new_tokens}
-    fresh = [r for r in records if all(r.get(k) == v for k, v in run.items())]
-    if len(fresh) < len(records):
-        # Lines of another model or answer length would silently mix into the table: regenerate them.
-        log.warning("%s: %d line(s) are from another model / max_new_tokens and are not reused", path,
-                    len(records) - len(fresh))
-    records = [r for r in fresh if (r["sample"], r["configuration"]) in wanted]
+    expected: dict[tuple[str, str], str] = {}
+    if path:
+        run = {**run, "checkpoint": checkpoint_fingerprint(model, from_folder),
+               "dtype": str(next(model.parameters()).dtype), "card": repr(model.cfg)}
+        digests = {s.key: sample_digest(s) for s in samples}
+        expected = {(s.key, c.label): line_fingerprint(run, c, digests[s.key]) for s in samples for c in columns}
+    cached = {r["fingerprint"]: r for r in (read_predictions(path) if path else []) if r.get("fingerprint")}
+    wanted = set(expected.values())
+    records = [cached[fp] for fp in expected.values() if fp in cached]
     done = {(r["sample"], r["configuration"]) for r in records}
     broken = {r["sample"] for r in skipped if "sample" in r}
     todo = [(s, c) for s in samples for c in columns if (s.key, c.label) not in done]
-    if done:
-        log.info("resuming: %d of %d predictions already in %s", len(done), len(wanted), path)
+    summary = {"file": str(path) if path else None, "reused": len(records), "total": len(expected),
+               "stale": sum(1 for fp, r in cached.items() if (r["sample"], r["configuration"]) in expected
+                            and fp not in wanted)}
     bar = _progress(len(todo), progress)
     handle = open(path, "a") if path else None
+    context = (model.cfg.decoder.max_position_embeddings, max_new_tokens)
     try:
         for group in _chunks(_by_sample(todo), batch_size):
             encoded = {}  # (sample, spec) -> prompt: a pre-LLM spec changes the placeholder counts
             for (key, reduction), (sample, config) in {(s.key, c.reduction_key): (s, c) for s, c in group}.items():
                 if key in broken:
                     continue
-                prepared = _prepare(processor, sample, on_error, skipped, config.token_reduction)
+                prepared = _prepare(processor, sample, on_error, skipped, config.token_reduction, context)
                 if prepared is not None:
                     encoded[key, reduction] = prepared
                 else:
@@ -377,7 +359,7 @@ def evaluate(
             bar.update(sum((s.key, c.reduction_key) not in encoded for s, c in group))
             group = [(s, c) for s, c in group if (s.key, c.reduction_key) in encoded]
             for batch in _batches(group, batch_size, mix_configs):
-                new = _run_batch(model, processor, batch, encoded, max_new_tokens)
+                new = _run_batch(model, processor, batch, encoded, max_new_tokens, run, expected)
                 records += new
                 if handle:
                     handle.write("".join(json.dumps(r) + "\n" for r in new))
@@ -387,10 +369,13 @@ def evaluate(
         bar.close()
         if handle:
             handle.close()
+    summary["generated"] = len(records) - summary["reused"]
     records = [r for r in records if r["sample"] not in broken]
     report = EvalReport.from_records(records, model.cfg.name, [c.label for c in columns], skipped)
+    report.predictions = summary
     if out_dir is not None:
         report.save_json(Path(out_dir) / "report.json")
+    _check_skips(skipped, len({r["sample"] for r in records}), max_skip_fraction, report)
     return report
 
 
@@ -434,11 +419,29 @@ def _batches(group: list[tuple[EvalSample, Configuration]], size: int, mix: bool
             yield lane[start:start + size]
 
 
-def _prepare(processor, sample: EvalSample, on_error: str, skipped: list[dict], token_reduction: Any = None):
+def _prepare(processor, sample: EvalSample, on_error: str, skipped: list[dict], token_reduction: Any = None,
+             context: tuple[int, int] | None = None):
+    """The sample's prompt, or None (recorded in ``skipped``) when it is broken or too long.
+
+    ``context``: ``(max_position_embeddings, max_new_tokens)``; a prompt whose answer would run
+    past the model's context is refused before it is generated (a 1 MB question would otherwise
+    run for many minutes and answer nothing reliable).
+    """
     try:
-        return encode_prompt(processor, sample.question, sample.images(), token_reduction)
+        encoded = encode_prompt(processor, sample.question, sample.images(), token_reduction)
+        length = encoded["input_ids"].shape[0]
+        if context is not None and length + context[1] > context[0]:
+            # Refused, not truncated: a cut question is another question, and its score would be a guess.
+            raise DataError(f"the prompt is {length} tokens; with --max-new-tokens {context[1]} it passes the "
+                            f"model's context of max_position_embeddings={context[0]}; shorten the question")
+        return encoded
     except (DataError, ValueError) as err:
         message = str(err) if str(err).startswith(sample.source) else f"{sample.source}[{sample.index}]: {err}"
+        if token_reduction is not None and _encodes(processor, sample):
+            # The spec, not the sample, is wrong (e.g. a 'keep' count above the tile's tokens): skipping
+            # would drop the sample from every column, the ones without the spec too.
+            raise DataError(f"--token-reduction {reduction_label(token_reduction)} does not fit the data: "
+                            f"{message}") from err
         if on_error == "fail":
             raise DataError(message) from err
         log.warning("skipping a broken sample: %s", message)
@@ -447,7 +450,16 @@ def _prepare(processor, sample: EvalSample, on_error: str, skipped: list[dict], 
         return None
 
 
-def _run_batch(model, processor, batch, encoded, max_new_tokens) -> list[dict[str, Any]]:
+def _encodes(processor, sample: EvalSample) -> bool:
+    """Whether the sample's prompt encodes without a token reduction."""
+    try:
+        encode_prompt(processor, sample.question, sample.images())
+    except (DataError, ValueError):
+        return False
+    return True
+
+
+def _run_batch(model, processor, batch, encoded, max_new_tokens, run, expected) -> list[dict[str, Any]]:
     configs = [c.sa_layers for _, c in batch]
     if all(c == ROUTER for c in configs):
         sa_layers = ROUTER
@@ -458,12 +470,13 @@ def _run_batch(model, processor, batch, encoded, max_new_tokens) -> list[dict[st
     spec = batch[0][1].token_reduction  # one spec per batch (_batches)
     results = generate_batch(model, processor, [encoded[s.key, c.reduction_key] for s, c in batch], sa_layers,
                              max_new_tokens, token_reduction=spec)
-    run = {"model": model.cfg.name, "max_new_tokens": max_new_tokens}
+    shown = {k: run[k] for k in ("model", "max_new_tokens", "checkpoint", "dtype") if k in run}
     records = []
     for (sample, config), result in zip(batch, results, strict=True):
         cost = sample_cost(model.cfg, result.n_visual, result.n_text, result.sa_layers, result.tokens, spec)
+        fingerprint = expected.get((sample.key, config.label))
         records.append({
-            **run, "sample": sample.key, "dataset": sample.dataset, "index": sample.index, "category": sample.category,
+            **shown, **({"fingerprint": fingerprint} if fingerprint else {}), "sample": sample.key, "dataset": sample.dataset, "index": sample.index, "category": sample.category,
             "configuration": config.label, "sa_layers": result.sa_layers, "token_reduction": spec,
             "prediction": result.text,
             "answers": sample.answers, "metric": sample.metric,

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from ..models.base import InputError
-from ..processing.files import DEFAULT_MAX_PIXELS, open_image
+from ..processing.files import DEFAULT_MAX_PIXELS, open_image, resolve_image_path
 from .recipe import DatasetSpec
 
 log = logging.getLogger("visorlib.train")
@@ -43,7 +43,14 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSON list or a JSONL file."""
     if not path.exists():
         raise DataError(f"dataset file {path} not found")
-    text = path.read_text()
+    if path.is_dir():
+        raise DataError(f"dataset file {path} is a folder; give the .json / .jsonl file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        # A latin-1 / cp1252 export: the codec's own message names neither the file nor the fix.
+        raise DataError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#x} at offset {err.start}); "
+                        "save the file as UTF-8") from None
     if path.suffix == ".jsonl":
         rows = []
         # split("\n"), not splitlines(): a JSON string may hold a raw U+2028, which is not a line end here.
@@ -74,11 +81,17 @@ class ConversationDataset(torch.utils.data.Dataset):
         processor: The model family's processor (``encode_turns``).
         max_length: Longest allowed sample in tokens.
         on_error: ``"skip"`` or ``"raise"``.
+        allow_outside_image_root: Accept image paths that leave the image root.
+        max_pixels: Largest image accepted (``width * height``).
+        max_consecutive_errors: Broken rows in a row before :meth:`fetch` gives up.
+        outside_root_option: What the caller's user sets to allow images outside the root (the
+            recipe key for training, a command-line option for evaluation), named in the error.
     """
 
     def __init__(self, spec: DatasetSpec, processor, max_length: int, on_error: str = "skip", *,
                  allow_outside_image_root: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 max_consecutive_errors: int | None = None):
+                 max_consecutive_errors: int | None = None,
+                 outside_root_option: str = "data.allow_outside_image_root: true in the recipe"):
         self.path = Path(spec.path)
         if spec.format == "synthetic" and self.path.is_dir():
             self.path = self.path / "data.jsonl"
@@ -89,6 +102,7 @@ class ConversationDataset(torch.utils.data.Dataset):
             raise DataError(f"{self.path}: the dataset is empty")
         self.processor, self.max_length, self.on_error = processor, max_length, on_error
         self.allow_outside, self.max_pixels = allow_outside_image_root, max_pixels
+        self.outside_root_option = outside_root_option
         self.max_consecutive_errors = max_consecutive_errors
         self.reported: set[int] = set()
 
@@ -98,8 +112,13 @@ class ConversationDataset(torch.utils.data.Dataset):
     def approx_length(self, index: int) -> int:
         """A cheap length estimate (words + media) used only to group similar samples."""
         row = self.rows[index]
-        words = sum(len(str(t.get("value", "")).split()) for t in row.get("conversations", []))
-        media = len(self._media(row, "images")) + len(self._media(row, "video"))
+        turns = row.get("conversations")
+        words = sum(len(str(t.get("value", "")).split()) for t in turns if isinstance(t, dict)) \
+            if isinstance(turns, list) else 0
+        try:
+            media = len(self.media(index, "images")) + len(self.media(index, "video"))
+        except DataError:
+            media = 0  # reported, by file and index, when the row is encoded
         return words + 1000 * media
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -135,19 +154,33 @@ class ConversationDataset(torch.utils.data.Dataset):
                                     f"image_root. First error: {skipped[0][1]}") from err
         raise DataError(f"{self.path}: no sample could be encoded; first error: {skipped[0][1]}")
 
-    @staticmethod
-    def _media(row: dict, key: str) -> list[str]:
-        if key == "images":
-            value = row.get("images", row.get("image"))
-        else:
-            value = row.get("video")
+    def media(self, index: int, key: str) -> list[str]:
+        """File names of row ``index``'s ``"images"`` (``image`` or ``images``) or ``"video"`` frames.
+
+        Raises:
+            DataError: The field is not a file name or a list of file names (``"image": 5``, or
+                ``{"path": ...}`` whose key would otherwise be read as a file name).
+        """
+        row = self.rows[index]
+        field = next((k for k in ("images", "image") if k in row), "images") if key == "images" else "video"
+        value = row.get(field)
         if value is None:
             return []
-        return [value] if isinstance(value, str) else list(value)
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise DataError(f"{self.path}[{index}]: {field!r} must be a file name or a list of file names, "
+                            f"got {type(value).__name__} {shown}")
+        return names
 
     def _open(self, index: int, relative: str) -> Image.Image:
-        if not isinstance(relative, str) or not relative:
-            raise DataError(f"{self.path}[{index}]: image paths must be non-empty strings, got {relative!r}")
+        if not self.allow_outside:
+            try:
+                resolve_image_path(relative, self.root)
+            except InputError:  # the advice must name what *this* caller's user can set
+                real = (self.root / relative).resolve()
+                raise DataError(f"{self.path}[{index}]: image {relative} resolves to {real}, outside the image "
+                                f"root {self.root.resolve()}; set {self.outside_root_option} to allow it") from None
         try:
             # The image's own mode is kept: the processors convert 16-bit / float modes to RGB correctly.
             return open_image(relative, root=self.root, allow_outside=self.allow_outside, max_pixels=self.max_pixels)
@@ -158,16 +191,20 @@ class ConversationDataset(torch.utils.data.Dataset):
         """Encode row ``index`` (raises :class:`DataError` naming file and index when broken)."""
         row = self.rows[index]
         turns = []
-        for position, turn in enumerate(row.get("conversations") or []):
-            role = ROLES.get(turn.get("from"))
+        conversations = row.get("conversations") or []
+        if not isinstance(conversations, list):
+            raise DataError(f"{self.path}[{index}]: 'conversations' must be a list of turns, "
+                            f"got {type(conversations).__name__}")
+        for position, turn in enumerate(conversations):
+            role = ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
             if role is None or not isinstance(turn.get("value"), str):
                 raise DataError(f"{self.path}[{index}]: conversation turn {position} needs 'from' in "
                                 f"{sorted(ROLES)} and a string 'value'")
             turns.append((role, turn["value"]))
         if not any(role == "assistant" for role, _ in turns):
             raise DataError(f"{self.path}[{index}]: no assistant ('gpt') turn to learn from")
-        images = [self._open(index, p) for p in self._media(row, "images")]
-        frames = self._media(row, "video")
+        images = [self._open(index, p) for p in self.media(index, "images")]
+        frames = self.media(index, "video")
         videos = [[self._open(index, p) for p in frames]] if frames else []
         try:
             sample = self.processor.encode_turns(turns, images, videos)

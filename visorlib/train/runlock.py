@@ -53,13 +53,15 @@ class RunLock:
     Args:
         folder: The run folder (``checkpoint.dir``); created if missing.
         owner: Words describing the holder in the lock record (e.g. the recipe path).
+        name: The lock file's name in ``folder`` (another name locks something narrower than
+            the folder, e.g. one predictions file of ``visorlib eval``).
     """
 
     NAME = ".lock"
 
-    def __init__(self, folder: str | os.PathLike, owner: str = ""):
+    def __init__(self, folder: str | os.PathLike, owner: str = "", name: str | None = None):
         self.folder, self.owner = Path(folder), owner
-        self.path = self.folder / self.NAME
+        self.path = self.folder / (name or self.NAME)
         self.handle = None
 
     @property
@@ -80,8 +82,7 @@ class RunLock:
             handle.close()
             if "(exited" in holder:  # a child that inherited the lock (e.g. a DataLoader worker) still runs
                 holder += "; its child processes still hold the lock, retry when they are gone"
-            raise RunDirError(f"checkpoint.dir {self.folder} is in use by another training ({holder}); wait for it "
-                              "to finish or use another checkpoint.dir") from None
+            raise RunDirError(self.busy_message(holder)) from None
         except OSError as err:
             handle.close()
             if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
@@ -111,6 +112,11 @@ class RunLock:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
         finally:
             handle.close()
+
+    def busy_message(self, holder: str) -> str:
+        """The error when another process holds the lock (``holder``: who, in words)."""
+        return (f"checkpoint.dir {self.folder} is in use by another training ({holder}); wait for it "
+                "to finish or use another checkpoint.dir")
 
     @staticmethod
     def _describe(text: str, stale: bool = False) -> str:
