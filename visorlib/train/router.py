@@ -122,8 +122,12 @@ def split_labels(labels: dict[tuple[str, int], list[int]], eval_fraction: float,
 
 
 @torch.no_grad()
-def held_out_task_accuracy(model, processor, datasets, held_out, configs, batch_size: int = 8) -> dict[str, Any]:
+def held_out_task_accuracy(model, processor, datasets, held_out, configs, batch_size: int = 8,
+                           max_skip_fraction: float = 0.1) -> dict[str, Any]:
     """Task accuracy (generated answers, :mod:`visorlib.eval`) of ``configs`` on the held-out samples.
+
+    ``max_skip_fraction`` is the recipe's ``data.max_skip_fraction``: the same ceiling on broken
+    samples as training, not evaluation's own default.
 
     Returns ``{dataset: {configuration: score in %}}`` plus, for the router, its choice counts
     under ``"router_choices"``.
@@ -137,7 +141,8 @@ def held_out_task_accuracy(model, processor, datasets, held_out, configs, batch_
     data = [from_training_data(d, rows[d.name]) for d in datasets if rows.get(d.name)]
     if not data:
         return {}
-    report = evaluate(model, data, configs=configs, batch_size=batch_size, processor=processor, progress=False)
+    report = evaluate(model, data, configs=configs, batch_size=batch_size, processor=processor, progress=False,
+                      max_skip_fraction=max_skip_fraction)
     out: dict[str, Any] = {}
     for row in report.rows:
         if row.category == "all":
@@ -247,18 +252,20 @@ def run_router_stage(recipe, trainer) -> dict[str, Any]:
         log_path.unlink(missing_ok=True)
         rows = log_configurations(model, datasets, refs, pad, log_path, progress=recipe.logging.progress)
     labels = select_labels(rows, model.plan, spec.label_mode)
-    # Training the router also trains the routing-token embedding, which every later layer sees:
+    # With router.train_token the routing-token embedding, which every later layer sees, learns too:
     # the fixed configurations' task accuracy is measured on the held-out split before and after,
     # next to the router's own, so the report shows both the router and the shift it caused.
     held_out, _ = split_labels(labels, spec.eval_fraction, recipe.training.seed)
     fixed = [list(c) for c in model.plan.configurations]
-    before = held_out_task_accuracy(model, trainer.processor, datasets, held_out, fixed, recipe.data.micro_batch_size)
+    skip = recipe.data.max_skip_fraction
+    before = held_out_task_accuracy(model, trainer.processor, datasets, held_out, fixed, recipe.data.micro_batch_size,
+                                    skip)
     report = train_router(model, datasets, labels, pad, spec.steps, recipe.optim.lr, recipe.data.micro_batch_size,
                           spec.eval_fraction, recipe.training.seed, progress=recipe.logging.progress,
                           train_token=spec.train_token)
     report["task_accuracy_before_router_training"] = before
     report["task_accuracy"] = held_out_task_accuracy(model, trainer.processor, datasets, held_out, [*fixed, "router"],
-                                                     recipe.data.micro_batch_size)
+                                                     recipe.data.micro_batch_size, skip)
     model.save_pretrained(out_dir / "model")
     save_tokenizer(trainer.processor, out_dir / "model")
     (out_dir / "router-report.json").write_text(json.dumps(report, indent=2))
