@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from . import zoo
-from .cli_args import UsageError, check_device, check_output_file, non_negative_int, positive_int
+from .cli_args import UsageError, check_device, check_output_file, int_between, non_negative_int, positive_int
 from .flops import flops
 from .profiling import human
 from .registry import family_of
@@ -71,9 +71,16 @@ def parameter_breakdown(model: torch.nn.Module) -> dict[str, int]:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
+    broken = []
     for name in zoo.list_models(args.pattern):
-        cfg = zoo.get_config(name)
+        try:
+            cfg = zoo.get_config(name)
+        except (ValueError, KeyError, OSError, ImportError) as err:  # one bad card must not hide the others
+            broken.append(f"visorlib: warning: card {name!r} skipped: {error_line(err)}")
+            continue
         print(f"{name:24s} {cfg.description}")
+    for line in broken:
+        print(line, file=sys.stderr)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -145,6 +152,16 @@ def cmd_profile(args: argparse.Namespace) -> None:
                              "(fastv and pyramiddrop work on every family)")
     if args.plot:
         print(f"wrote {plot_flops_vs_visual_tokens(cfg, args.plot)}")
+    processor = family_of(cfg).processor(cfg, None)
+    # The processor builds the prompt around the image; text tokens are random ordinary ids.
+    n_text = args.text_tokens
+    ids, vision, tiles = processor.profile_inputs(image, n_text)
+    n_visual = int((ids == cfg.tokens.image_token_id).sum())
+
+    def prompt_for(spec):
+        return processor.profile_inputs(image, n_text, token_reduction=spec)[0]
+
+    _check_reductions_fit(specs, prompt_for, cfg, n_visual)  # before minutes of building and profiling
     dtype = DTYPES[args.dtype]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 - progress goes to stderr
     log(f"building {cfg.name} at {'TINY' if args.tiny else 'real'} size with RANDOM weights (no checkpoint; "
@@ -152,22 +169,13 @@ def cmd_profile(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     model = zoo.instantiate(cfg, device=args.device, dtype=dtype).eval()
     build_s = time.perf_counter() - started
-    processor = family_of(cfg).processor(cfg, None)
-    # The processor builds the prompt around the image; text tokens are random ordinary ids.
-    n_text = args.text_tokens
-    ids, vision, tiles = processor.profile_inputs(image, n_text)
     ids, vision = ids.to(args.device), {k: v.to(args.device) for k, v in vision.items()}
-    n_visual = int((ids == cfg.tokens.image_token_id).sum())
     size = list(image.size[::-1])
     report = flops(cfg, n_visual=n_visual, n_text=n_text, tiles=tiles)
     plan = LayerPlan(cfg.decoder.num_layers, cfg.visor)
     reductions = paper_reduction_rows(plan, pre_llm_ok, cfg.feature_grid_size**2) if args.paper_reductions else []
     for spec, _ in specs:
         reductions += spec_rows(plan, spec)
-
-    def prompt_for(spec):
-        return processor.profile_inputs(image, n_text, token_reduction=spec)[0]
-
     table = profile_configurations(model, ids, vision, tiles, args.repeats, log=log, reductions=reductions,
                                    prompt_for=prompt_for)
     result = {
@@ -191,6 +199,22 @@ def cmd_profile(args: argparse.Namespace) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     _print_profile(result, format_table(table))
+
+
+def _check_reductions_fit(specs, prompt_for, cfg, n_visual: int) -> None:
+    """Refuse a ``--token-reduction`` this input cannot satisfy (a ``keep`` count above the visual
+    tokens it has), before any configuration is profiled rather than after all of them."""
+    from .visor.reduction import IN_LLM, ReductionSpecError, keep_counts
+
+    for spec, parsed in specs:
+        try:
+            reduced = int((prompt_for(spec) == cfg.tokens.image_token_id).sum())  # checks pre-LLM counts
+            for reducer in parsed:
+                if reducer.where == IN_LLM:
+                    keep_counts(reducer, [reduced], cfg.decoder.num_layers)
+        except ReductionSpecError as err:
+            raise UsageError(f"--token-reduction {json.dumps(spec)}: {err} (this input has {n_visual} visual "
+                             "tokens before reduction)") from None
 
 
 def _print_profile(r: dict, table: str) -> None:
@@ -254,11 +278,15 @@ def _generate_configuration(model, spec: str | None):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    print("visorlib train: reading the recipe...", file=sys.stderr, flush=True)
     from .train.recipe import load_recipe
     from .train.trainer import Trainer
 
+    def say(line: str) -> None:  # what the seconds before the progress bar are spent on
+        print(f"visorlib train: {line}", file=sys.stderr, flush=True)
+
     recipe = load_recipe(args.recipe, args.set)
-    trainer = Trainer(recipe, resume=args.resume, allow_recipe_change=args.allow_recipe_change)
+    trainer = Trainer(recipe, resume=args.resume, allow_recipe_change=args.allow_recipe_change, status=say)
     try:
         if recipe.training.stage == "router":
             from .train.router import run_router_stage
@@ -267,6 +295,10 @@ def cmd_train(args: argparse.Namespace) -> None:
             return
         if trainer.step:
             print(f"resumed at step {trainer.step}", file=sys.stderr)
+        if trainer.step >= recipe.training.max_steps:
+            say(f"nothing to train: the checkpoint is at step {trainer.step} = training.max_steps; raise "
+                "training.max_steps (--set training.max_steps=N) to continue")
+            return
         logs = trainer.train()
         if trainer.dist.main and logs:
             print(f"trained to step {trainer.step}: loss {logs[-1]['loss']:.4f}; checkpoints in {trainer.ckpt_dir}")
@@ -310,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="real-size model, random weights: tokens, parameters, FLOPs, prefill time")
     p.add_argument("name")
     p.add_argument("--image", help="image file (default: an embedded 384x384 page)")
-    p.add_argument("--text-tokens", type=non_negative_int, default=64)
+    p.add_argument("--text-tokens", type=positive_int, default=64, help="text tokens of the prompt (>= 1)")
     p.add_argument("--repeats", type=positive_int, default=1)
     p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -334,12 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
+    from .train.synth import MAX_IMAGE_SIZE
+
     p = data_sub.add_parser("synth", help="write the synthetic fine-grained VQA dataset")
     p.add_argument("out")
     p.add_argument("--model", default="visor-llava-ov-0.5b", help="card whose token ids the tokenizer uses")
     p.add_argument("--tiny", action="store_true", help="for the card's tiny variant")
     p.add_argument("--samples", type=positive_int, default=200)
-    p.add_argument("--image-size", type=positive_int, default=96)
+    p.add_argument("--image-size", type=int_between(32, MAX_IMAGE_SIZE), default=96, help="page side in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
     from .train.synthdoc import add_data_parser
@@ -374,8 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"visorlib: error: {error_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("visorlib: error: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # the trainer's says where it stopped and how to resume
+        print(f"visorlib: error: {error_line(err) if str(err) else 'interrupted'}", file=sys.stderr)
         return 130
     return 0
 

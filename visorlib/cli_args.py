@@ -28,6 +28,19 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+def int_between(low: int, high: int):
+    """argparse type: an integer in ``[low, high]`` (for sizes whose excess would exhaust memory)."""
+
+    def parse(text: str) -> int:
+        value = _int_at_least(text, low)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
+        return value
+
+    parse.__name__ = f"integer from {low} to {high}"  # what argparse names in 'invalid ... value'
+    return parse
+
+
 def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)

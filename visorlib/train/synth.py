@@ -33,6 +33,9 @@ WORDS = ("apple bird cake door fish gold hill iron jazz kite lamp moon nest oak 
 CORNERS = {"top left": (0.0, 0.0), "top right": (0.5, 0.0), "bottom left": (0.0, 0.5), "bottom right": (0.5, 0.5)}
 QUESTION_WORDS = "what colour is the background how many boxes are there word in top bottom left right ?".split()
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+#: Largest page side: a page is drawn in memory (RGB, plus PIL's working copies), so 100000 px
+#: asked for tens of GB and the process was killed with no message. 4096 is beyond any tile grid.
+MAX_IMAGE_SIZE = 4096
 
 
 def _ink(background: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -148,12 +151,14 @@ def make_synthetic_dataset(folder: str | Path, cfg: ModelConfig, samples: int = 
         seed: Everything is reproducible from it.
 
     Raises:
-        ValueError: ``samples`` < 1 or ``image_size`` < 32 (nothing, or nothing legible, to write).
+        ValueError: ``samples`` < 1, or ``image_size`` < 32 (nothing legible) or above
+            :data:`MAX_IMAGE_SIZE` (a memory blow-up), checked before anything is allocated.
     """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"synthetic dataset: samples must be an integer >= 1, got {samples!r}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32:
-        raise ValueError(f"synthetic dataset: image_size must be an integer >= 32 pixels, got {image_size!r}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 32 <= image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"synthetic dataset: image_size must be an integer from 32 to {MAX_IMAGE_SIZE} pixels, "
+                         f"got {image_size!r}")
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
