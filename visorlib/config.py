@@ -9,6 +9,7 @@ with the default. The same strict parser serves overrides passed to :func:`visor
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import types
 import typing
@@ -345,6 +346,9 @@ class ModelConfig:
             overrides["visor"] = {"routing_token_id": 252, "router_hidden": 16}
         if self.decoder.mrope_section is not None:
             decoder["mrope_section"] = [2, 3, 3]  # [16, 24, 24]'s proportions, summing to head_dim / 2 = 8
+        # The rules are registered with the families; a leaf cannot import them, so ask the
+        # registry by name to load them (``import visorlib`` alone no longer does).
+        importlib.import_module("visorlib.registry").load_builtin_families()
         rule = TINY_RULES.get(self.family)
         if rule is not None:  # a family whose tower has other geometry (registered with the family)
             overrides = rule(self, overrides)

@@ -178,17 +178,31 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped training after a completed step; the message says what was saved and how to resume."""
 
 
-def _disk_full(err: BaseException) -> bool:
-    """Whether ``err`` (or what it wraps: DCP collects each rank's exception) is ENOSPC."""
-    seen = 0
-    while err is not None and seen < 8:
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            return True
+def _causes(err: BaseException | None) -> list[BaseException]:
+    """``err``, what it was raised from, and each rank's exception inside a DCP ``CheckpointException``
+    (whose own text is every rank's traceback)."""
+    out: list[BaseException] = []
+    while err is not None and len(out) < 16:
+        out.append(err)
         if isinstance(err, CheckpointException):
-            return any(_disk_full(e) for e in err.failures.values() if isinstance(e, BaseException)) or \
-                "No space left on device" in str(err)
-        err, seen = err.__cause__ or err.__context__, seen + 1
-    return False
+            for failure in err.failures.values():
+                inner = failure[0] if isinstance(failure, tuple) else failure
+                if isinstance(inner, BaseException):
+                    out += _causes(inner)
+            break
+        err = err.__cause__ or err.__context__
+    return out
+
+
+def _disk_full(err: BaseException) -> bool:
+    """Whether ``err`` comes from ENOSPC (directly, chained, or on any rank of a DCP save)."""
+    return any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in _causes(err))
+
+
+def _reason(err: BaseException) -> str:
+    """The innermost message of ``err`` on one line (DCP's own is a traceback per rank)."""
+    cause = next((e for e in reversed(_causes(err)) if not isinstance(e, CheckpointException)), err)
+    return " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
 
 
 @contextmanager
@@ -588,9 +602,8 @@ class Trainer:
         except (CheckpointException, RuntimeError, KeyError, ValueError) as err:
             # DCP's CheckpointException is a BaseException (the CLI's handler would miss it) and lists
             # every rank's traceback; the cause that matters is that the shapes or names differ.
-            first = " ".join(str(err).split())[:300]
             raise CheckpointError(f"{path} does not fit the model built from {self.recipe.source} (the architecture "
-                                  f"differs from the one it was trained with: {first}); resume with the recipe it "
+                                  f"differs from the one it was trained with: {_reason(err)}); resume with the recipe it "
                                   "was trained with, or start a new run in another checkpoint.dir") from None
         self.scheduler.load_state_dict(meta["scheduler"])
         self.step = step
