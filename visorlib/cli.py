@@ -453,8 +453,8 @@ def error_line(err: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``visorlib`` command: 0 on success, 2 on any user error (one line on stderr)."""
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # inside: building the parsers imports the data commands' code
         args.func(args)
     except USER_ERRORS as err:
         print(f"visorlib: error: {error_line(err)}", file=sys.stderr)

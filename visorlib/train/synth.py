@@ -19,8 +19,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-
-from PIL import Image, ImageDraw, ImageFont
+from typing import Any
 
 from ..config import ModelConfig
 
@@ -42,8 +41,12 @@ def _ink(background: tuple[int, int, int]) -> tuple[int, int, int]:
     return (0, 0, 0) if sum(background) > 360 else (255, 255, 255)
 
 
-def render_page(rng: random.Random, size: int) -> tuple[Image.Image, dict]:
-    """One page and the facts the questions ask about."""
+def render_page(rng: random.Random, size: int) -> tuple[Any, dict]:
+    """One page (a PIL image) and the facts the questions ask about."""
+    # PIL's drawing modules load here, not with the module: `visorlib --help` imports this file for
+    # MAX_IMAGE_SIZE (its --image-size bound) and should not pay for them.
+    from PIL import Image, ImageDraw, ImageFont
+
     colour = rng.choice(list(COLOURS))
     image = Image.new("RGB", (size, size), COLOURS[colour])
     draw = ImageDraw.Draw(image)
