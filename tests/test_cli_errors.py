@@ -105,7 +105,7 @@ CASES = [
     ("train-set-malformed", ["train", "{root}/recipe.yaml", "--set", "training.max_steps=[1,"], ["training.max_steps"]),
     ("train-set-unknown-key", ["train", "{root}/recipe.yaml", "--set", "training.bogus=3"], ["bogus"]),
     ("synth-negative", ["data", "synth", "{root}/out", "--samples", "-3"], ["--samples", "must be positive, got -3"]),
-    ("synth-zero-size", ["data", "synth", "{root}/out", "--image-size", "0"], ["--image-size", "must be positive"]),
+    ("synth-zero-size", ["data", "synth", "{root}/out", "--image-size", "0"], ["--image-size", "must be >= 32, got 0"]),
     ("synth-out-is-file", ["data", "synth", "{root}/plain.txt", "--samples", "1"], ["plain.txt", "not a folder"]),
     ("synth-unknown-card", ["data", "synth", "{root}/out", "--model", "nope"], ["unknown model 'nope'"]),
     ("data-no-subcommand", ["data"], ["required: data_command"]),

@@ -172,7 +172,7 @@ def test_a_second_training_into_the_same_folder_is_refused(tmp_path, synth):  # 
     for name in ("trainer.json", "model/model.safetensors", "model/visorlib.json"):
         assert (latest / name).stat().st_mode & 0o777 == 0o644, name  # readable exports, not tempfile's 0600
     assert json.loads((latest / "trainer.json").read_text())["recipe"]["optim"]["lr"] == 3e-3
-    Trainer(load_recipe(path))  # released after training
+    Trainer(load_recipe(path), resume=True)  # released after training (a fresh run would be refused: issue 17)
 
 
 def test_a_stale_lock_of_a_killed_run_is_taken_over(tmp_path, synth, caplog):  # noqa: F811

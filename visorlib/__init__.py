@@ -6,33 +6,74 @@ Quick start::
     visorlib.list_models()
     model = visorlib.build("llava-ov-0.5b", pretrained=True)
     processor = visorlib.processor_for(model)
+
+The names below load on first use (PEP 562): ``import visorlib`` itself imports neither torch nor
+the model code, so ``visorlib --help`` answers at once and a Ctrl-C while torch loads reaches the
+command's own handler (one line, exit 130) instead of printing an import traceback.
 """
 
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
 from . import compat
-from .config import ConfigError, ModelConfig
-from .flops import flops
-from .hub import CheckpointError
-from .models import InputError
-from .models.llava_onevision import LlavaOnevisionProcessor
-from .models.qwen2_vl import Qwen2VLProcessor
-from .zoo import build, from_pretrained, get_config, list_models, processor_for, visorize
 
 __version__ = "0.1.0"
 
 compat.install()  # old module paths (visorlib.blocks, visorlib.backbones, ...) keep importing
 
-__all__ = [
-    "CheckpointError",
-    "ConfigError",
-    "InputError",
-    "LlavaOnevisionProcessor",
-    "ModelConfig",
-    "Qwen2VLProcessor",
-    "build",
-    "flops",
-    "from_pretrained",
-    "get_config",
-    "list_models",
-    "processor_for",
-    "visorize",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "CheckpointError": "hub",
+    "ConfigError": "config",
+    "InputError": "models",
+    "LlavaOnevisionProcessor": "models.llava_onevision",
+    "ModelConfig": "config",
+    "Qwen2VLProcessor": "models.qwen2_vl",
+    "build": "zoo",
+    "flops": "flops",
+    "from_pretrained": "zoo",
+    "get_config": "zoo",
+    "list_models": "zoo",
+    "processor_for": "zoo",
+    "visorize": "zoo",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    else:
+        try:  # a submodule used as an attribute (visorlib.zoo) without its own import statement
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """``visorlib.flops`` is the function, also once the submodule of that name is imported.
+
+    Importing a submodule sets it as an attribute of its package; eagerly, ``from .flops import
+    flops`` re-bound the name right after. Lazily the submodule may be imported at any time, so
+    the binding is kept here.
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "flops" and isinstance(value, types.ModuleType):
+            value = value.flops
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -20,16 +20,20 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 import yaml
 
-from . import zoo
-from .cli_args import UsageError, check_device, check_output_file, non_negative_int, positive_int
-from .flops import flops
-from .profiling import human
-from .registry import family_of
+from .cli_args import UsageError, check_device, check_output_file, int_between, non_negative_int, positive_int
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# torch and the model code are imported inside the commands, not here: `visorlib --help` and a
+# mistyped argument answer at once, and a Ctrl-C while they load reaches main()'s handler.
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a ``--dtype`` value (one of :data:`DTYPES`)."""
+    import torch
+
+    return getattr(torch, name)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,7 +52,7 @@ def load_image(path: str):
     return open_image(path)
 
 
-def parameter_breakdown(model: torch.nn.Module) -> dict[str, int]:
+def parameter_breakdown(model) -> dict[str, int]:
     """Parameters per component (a tied head is counted once, under the embedding).
 
     ``visor_blocks`` (a VISOR model only) is everything VISOR adds to the dense model:
@@ -71,12 +75,25 @@ def parameter_breakdown(model: torch.nn.Module) -> dict[str, int]:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
+    from . import zoo
+
+    broken = []
     for name in zoo.list_models(args.pattern):
-        cfg = zoo.get_config(name)
+        try:
+            cfg = zoo.get_config(name)
+        except (ValueError, KeyError, OSError, ImportError) as err:  # one bad card must not hide the others
+            broken.append(f"visorlib: warning: card {name!r} skipped: {error_line(err)}")
+            continue
         print(f"{name:24s} {cfg.description}")
+    for line in broken:
+        print(line, file=sys.stderr)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
+    from . import zoo
+    from .profiling import human
+    from .registry import family_of
+
     cfg = zoo.get_config(args.name)
     model = zoo.build(args.name, device="meta")
     v, d = cfg.vision, cfg.decoder
@@ -105,6 +122,10 @@ def default_profile_image():
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
+    import torch
+
+    from . import zoo
+    from .flops import flops
     from .profiling import (
         format_table,
         paper_reduction_rows,
@@ -112,6 +133,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
         profile_configurations,
         spec_rows,
     )
+    from .registry import family_of
     from .visor.plan import LayerPlan
     from .visor.reduction import PRE_LLM, ReductionSpecError, parse_reduction
 
@@ -145,29 +167,30 @@ def cmd_profile(args: argparse.Namespace) -> None:
                              "(fastv and pyramiddrop work on every family)")
     if args.plot:
         print(f"wrote {plot_flops_vs_visual_tokens(cfg, args.plot)}")
-    dtype = DTYPES[args.dtype]
+    processor = family_of(cfg).processor(cfg, None)
+    # The processor builds the prompt around the image; text tokens are random ordinary ids.
+    n_text = args.text_tokens
+    ids, vision, tiles = processor.profile_inputs(image, n_text)
+    n_visual = int((ids == cfg.tokens.image_token_id).sum())
+
+    def prompt_for(spec):
+        return processor.profile_inputs(image, n_text, token_reduction=spec)[0]
+
+    _check_reductions_fit(specs, prompt_for, cfg, n_visual)  # before minutes of building and profiling
+    dtype = torch_dtype(args.dtype)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 - progress goes to stderr
     log(f"building {cfg.name} at {'TINY' if args.tiny else 'real'} size with RANDOM weights (no checkpoint; "
         "outputs are meaningless, timings and counts are real)...")
     started = time.perf_counter()
     model = zoo.instantiate(cfg, device=args.device, dtype=dtype).eval()
     build_s = time.perf_counter() - started
-    processor = family_of(cfg).processor(cfg, None)
-    # The processor builds the prompt around the image; text tokens are random ordinary ids.
-    n_text = args.text_tokens
-    ids, vision, tiles = processor.profile_inputs(image, n_text)
     ids, vision = ids.to(args.device), {k: v.to(args.device) for k, v in vision.items()}
-    n_visual = int((ids == cfg.tokens.image_token_id).sum())
     size = list(image.size[::-1])
     report = flops(cfg, n_visual=n_visual, n_text=n_text, tiles=tiles)
     plan = LayerPlan(cfg.decoder.num_layers, cfg.visor)
     reductions = paper_reduction_rows(plan, pre_llm_ok, cfg.feature_grid_size**2) if args.paper_reductions else []
     for spec, _ in specs:
         reductions += spec_rows(plan, spec)
-
-    def prompt_for(spec):
-        return processor.profile_inputs(image, n_text, token_reduction=spec)[0]
-
     table = profile_configurations(model, ids, vision, tiles, args.repeats, log=log, reductions=reductions,
                                    prompt_for=prompt_for)
     result = {
@@ -193,7 +216,25 @@ def cmd_profile(args: argparse.Namespace) -> None:
     _print_profile(result, format_table(table))
 
 
+def _check_reductions_fit(specs, prompt_for, cfg, n_visual: int) -> None:
+    """Refuse a ``--token-reduction`` this input cannot satisfy (a ``keep`` count above the visual
+    tokens it has), before any configuration is profiled rather than after all of them."""
+    from .visor.reduction import IN_LLM, ReductionSpecError, keep_counts
+
+    for spec, parsed in specs:
+        try:
+            reduced = int((prompt_for(spec) == cfg.tokens.image_token_id).sum())  # checks pre-LLM counts
+            for reducer in parsed:
+                if reducer.where == IN_LLM:
+                    keep_counts(reducer, [reduced], cfg.decoder.num_layers)
+        except ReductionSpecError as err:
+            raise UsageError(f"--token-reduction {json.dumps(spec)}: {err} (this input has {n_visual} visual "
+                             "tokens before reduction)") from None
+
+
 def _print_profile(r: dict, table: str) -> None:
+    from .profiling import human
+
     print(f"\n{r['model']} -- {r['weights']}")
     print(f"input: {r['image']} {r['image_size_hw'][0]}x{r['image_size_hw'][1]} -> {r['tiles']} tiles/patches, "
           f"{r['visual_tokens']} visual tokens + {r['text_tokens']} text tokens")
@@ -211,11 +252,13 @@ def _print_profile(r: dict, table: str) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from . import processor_for
+    import torch
+
+    from . import processor_for, zoo
 
     check_device(args.device)
     images = [load_image(path) for path in args.image]  # before the (possibly large) model is loaded
-    dtype = DTYPES[args.dtype]
+    dtype = torch_dtype(args.dtype)
     if args.model in zoo.list_models():
         model = zoo.build(args.model, pretrained=True, dtype=dtype, device=args.device)
     else:
@@ -230,11 +273,37 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if processor.tokenizer is None:
         raise UsageError(f"--model {args.model}: no tokenizer found (no tokenizer.json in the checkpoint folder, "
                          "none in the Hub cache for the card's hub_id); generate needs one to read the prompt")
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
+    content = _generate_content(args.prompt, len(images))
     inputs = processor.chat([{"role": "user", "content": content}], images=images or None)
     inputs = {k: v.to(args.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, sa_layers=sa_layers)
     print(processor.decode(out[0, inputs["input_ids"].shape[1]:]))
+
+
+def _generate_content(prompt: str, n_images: int) -> list[dict]:
+    """The user turn of ``generate``: each image before the prompt, unless the prompt places them.
+
+    A prompt that writes ``<image>`` itself decides where the images go (each one becomes an image
+    part of the turn, so every family's chat template renders it); it must then place every
+    ``--image`` exactly once. Adding the images' own parts as well counted them twice.
+    """
+    from .processing.chat import IMAGE_TOKEN
+
+    pieces = prompt.split(IMAGE_TOKEN)
+    placed = len(pieces) - 1
+    if placed and placed != n_images:
+        raise UsageError(f"--prompt holds {placed} {IMAGE_TOKEN} placeholder(s) but {n_images} --image file(s) "
+                         f"were given; give one --image per {IMAGE_TOKEN}, or leave {IMAGE_TOKEN} out of the prompt "
+                         "(the images then go before it)")
+    if not placed:
+        return [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
+    content: list[dict] = []
+    for index, piece in enumerate(pieces):
+        if index:
+            content.append({"type": "image"})
+        if piece:
+            content.append({"type": "text", "text": piece})
+    return content
 
 
 def _generate_configuration(model, spec: str | None):
@@ -255,10 +324,18 @@ def _generate_configuration(model, spec: str | None):
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .train.recipe import load_recipe
-    from .train.trainer import Trainer
 
     recipe = load_recipe(args.recipe, args.set)
-    trainer = Trainer(recipe, resume=args.resume, allow_recipe_change=args.allow_recipe_change)
+
+    def say(line: str) -> None:
+        """What the seconds before the progress bar go to (shown with it: ``logging.progress``)."""
+        if recipe.logging.progress:
+            print(f"visorlib train: {line}", file=sys.stderr, flush=True)
+
+    say("loading torch and the trainer...")
+    from .train.trainer import Trainer
+
+    trainer = Trainer(recipe, resume=args.resume, allow_recipe_change=args.allow_recipe_change, status=say)
     try:
         if recipe.training.stage == "router":
             from .train.router import run_router_stage
@@ -267,6 +344,11 @@ def cmd_train(args: argparse.Namespace) -> None:
             return
         if trainer.step:
             print(f"resumed at step {trainer.step}", file=sys.stderr)
+        if trainer.step >= recipe.training.max_steps:
+            print(f"visorlib train: nothing to train: the checkpoint in {trainer.ckpt_dir} is at step {trainer.step} "
+                  f"= training.max_steps; raise training.max_steps (--set training.max_steps=N) to continue",
+                  file=sys.stderr)
+            return
         logs = trainer.train()
         if trainer.dist.main and logs:
             print(f"trained to step {trainer.step}: loss {logs[-1]['loss']:.4f}; checkpoints in {trainer.ckpt_dir}")
@@ -275,6 +357,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
+    from . import zoo
     from .train.synth import make_synthetic_dataset
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -299,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--sa-layers", default=None,
                    help="VISOR configuration: self-attention layers '1,3', 'none' (cross-attention only), "
@@ -310,10 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="real-size model, random weights: tokens, parameters, FLOPs, prefill time")
     p.add_argument("name")
     p.add_argument("--image", help="image file (default: an embedded 384x384 page)")
-    p.add_argument("--text-tokens", type=non_negative_int, default=64)
+    p.add_argument("--text-tokens", type=positive_int, default=64, help="text tokens of the prompt (>= 1)")
     p.add_argument("--repeats", type=positive_int, default=1)
     p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (default: torch's choice)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--tiny", action="store_true", help="use the card's tiny test-size variant (smoke test)")
     p.add_argument("--device", default="cpu")
@@ -334,12 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
+    from .train.synth import MAX_IMAGE_SIZE
+
     p = data_sub.add_parser("synth", help="write the synthetic fine-grained VQA dataset")
     p.add_argument("out")
     p.add_argument("--model", default="visor-llava-ov-0.5b", help="card whose token ids the tokenizer uses")
     p.add_argument("--tiny", action="store_true", help="for the card's tiny variant")
     p.add_argument("--samples", type=positive_int, default=200)
-    p.add_argument("--image-size", type=positive_int, default=96)
+    p.add_argument("--image-size", type=int_between(32, MAX_IMAGE_SIZE), default=96, help="page side in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
     from .train.synthdoc import add_data_parser
@@ -368,14 +453,14 @@ def error_line(err: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``visorlib`` command: 0 on success, 2 on any user error (one line on stderr)."""
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # inside: building the parsers imports the data commands' code
         args.func(args)
     except USER_ERRORS as err:
         print(f"visorlib: error: {error_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("visorlib: error: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # the trainer's says where it stopped and how to resume
+        print(f"visorlib: error: {error_line(err) if str(err) else 'interrupted'}", file=sys.stderr)
         return 130
     return 0
 

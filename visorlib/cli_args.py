@@ -11,8 +11,6 @@ import argparse
 import os
 from pathlib import Path
 
-import torch
-
 
 class UsageError(ValueError):
     """A command-line argument that cannot work (named in the message)."""
@@ -26,6 +24,19 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
     return _int_at_least(text, 0)
+
+
+def int_between(low: int, high: int):
+    """argparse type: an integer in ``[low, high]`` (for sizes whose excess would exhaust memory)."""
+
+    def parse(text: str) -> int:
+        value = _int_at_least(text, low)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
+        return value
+
+    parse.__name__ = f"integer from {low} to {high}"  # what argparse names in 'invalid ... value'
+    return parse
 
 
 def _int_at_least(text: str, low: int) -> int:
@@ -56,8 +67,10 @@ def check_output_file(path: str | None, flag: str) -> None:
         raise UsageError(f"{flag} {path}: not writable")
 
 
-def check_device(name: str) -> torch.device:
+def check_device(name: str):
     """The ``--device`` value as a torch device, refused when this machine does not have it."""
+    import torch  # here: `visorlib --help` builds the parsers without loading torch
+
     try:
         device = torch.device(name)
     except RuntimeError as err:
@@ -67,3 +80,17 @@ def check_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"--device {name!r}: MPS is not available on this machine")
     return device
+
+
+def seconds_since_process_start() -> float | None:
+    """Wall-clock seconds since this process started (Linux ``/proc``), imports included; None elsewhere.
+
+    What a user waited for: a command's own timer starts after ``import torch`` and the model
+    code have loaded, several seconds on a small machine.
+    """
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None

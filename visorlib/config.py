@@ -9,6 +9,7 @@ with the default. The same strict parser serves overrides passed to :func:`visor
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import types
 import typing
@@ -345,6 +346,9 @@ class ModelConfig:
             overrides["visor"] = {"routing_token_id": 252, "router_hidden": 16}
         if self.decoder.mrope_section is not None:
             decoder["mrope_section"] = [2, 3, 3]  # [16, 24, 24]'s proportions, summing to head_dim / 2 = 8
+        # The rules are registered with the families; a leaf cannot import them, so ask the
+        # registry by name to load them (``import visorlib`` alone no longer does).
+        importlib.import_module("visorlib.registry").load_builtin_families()
         rule = TINY_RULES.get(self.family)
         if rule is not None:  # a family whose tower has other geometry (registered with the family)
             overrides = rule(self, overrides)
@@ -355,15 +359,46 @@ class ModelConfig:
         return self.from_dict(merge_nested(self.to_dict(), overrides, source), source)
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with the same key twice.
+
+    Plain YAML keeps the last of two ``optim:`` sections without a word, so a recipe edited by
+    appending a section would silently lose the first; everything else is ``safe_load``'s.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}  # key -> the mark where it first appears
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' keys may be overridden, as in YAML
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:  # an unhashable key: SafeLoader reports it as it always has
+                break
+            if first is not key_node.start_mark:
+                line, first = key_node.start_mark.line + 1, first.line + 1
+                # No marks: the message stays one line; the lines are in the text.
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} on line {line} (first on line {first}): YAML would "
+                    "silently keep only the last one; merge the two or delete one")
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_unique(text: str) -> Any:
+    """``yaml.safe_load`` of ``text``, with a duplicate mapping key an error (:class:`UniqueKeyLoader`)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """``yaml.safe_load`` a file that must hold a mapping; errors name the file."""
+    """``yaml.safe_load`` a file that must hold a mapping; errors (duplicate keys too) name the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: {'is a folder, not a YAML file' if path.is_dir() else 'no such file'}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_load_unique(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: must hold a mapping, got {type(data).__name__}")
     return data

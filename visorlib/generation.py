@@ -8,9 +8,12 @@ Batches are left-padded: positions count real tokens only, so padding never shif
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
+
+from .validation import InputError
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -78,8 +81,9 @@ class GenerationMixin:
         Returns:
             ``[B, L + n]``: the prompts followed by the generated tokens.
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        # A float (1.5) or bool would reach range() and fail there as a bare TypeError.
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         tokens_cfg = self.cfg.tokens
         eos = tokens_cfg.eos_token_ids if eos_token_id is None else eos_token_id
         eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=input_ids.device)

@@ -17,6 +17,7 @@ the tables below.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -83,6 +84,16 @@ DECODERS: dict[str, Callable[[DecoderConfig], nn.Module]] = {}
 TIMM_FIELDS: dict[str, Callable[[str, dict[str, Any]], dict[str, Any]]] = {}
 
 
+def load_builtin_families() -> None:
+    """Import :mod:`visorlib.models`, which registers the built-in families, towers and decoders.
+
+    ``import visorlib`` loads nothing heavy (start-up time), so a caller that reaches the registry
+    without going through the zoo (``visorlib.registry.family_of(cfg)``, ``ModelConfig.tiny()``)
+    gets the tables filled here on first use; after that this is a dictionary look-up.
+    """
+    importlib.import_module("visorlib.models")
+
+
 def register_family(family: Family) -> Family:
     """Register ``family`` under ``family.name`` (a second registration of a name is an error)."""
     if family.name in FAMILIES and FAMILIES[family.name] is not family:
@@ -95,6 +106,7 @@ def register_family(family: Family) -> Family:
 
 def family_of(cfg: ModelConfig) -> Family:
     """The :class:`Family` that assembles ``cfg.family``."""
+    load_builtin_families()
     if cfg.family not in FAMILIES:
         raise ConfigError(f"{cfg.name}: unknown model family {cfg.family!r} (known: {', '.join(sorted(FAMILIES))})")
     return FAMILIES[cfg.family]
@@ -102,6 +114,7 @@ def family_of(cfg: ModelConfig) -> Family:
 
 def family_for_hf(model_type: str | None, source: str) -> Family:
     """The family that loads Hugging Face checkpoints of ``model_type``."""
+    load_builtin_families()
     for family in FAMILIES.values():
         if model_type in family.hf_model_types:
             return family
@@ -140,6 +153,7 @@ def register_decoder(kind: str):
 
 def build_vision_tower(cfg: VisionConfig) -> nn.Module:
     """The vision tower a card asks for."""
+    load_builtin_families()
     if cfg.kind not in VISION_TOWERS:
         raise ConfigError(f"unknown vision tower kind {cfg.kind!r} (registered: {', '.join(sorted(VISION_TOWERS))})")
     return VISION_TOWERS[cfg.kind](cfg)
@@ -147,6 +161,7 @@ def build_vision_tower(cfg: VisionConfig) -> nn.Module:
 
 def build_decoder(cfg: DecoderConfig) -> nn.Module:
     """The decoder a card asks for."""
+    load_builtin_families()
     if cfg.kind not in DECODERS:
         raise ConfigError(f"unknown decoder kind {cfg.kind!r} (registered: {', '.join(sorted(DECODERS))})")
     return DECODERS[cfg.kind](cfg)
@@ -154,6 +169,7 @@ def build_decoder(cfg: DecoderConfig) -> nn.Module:
 
 def timm_tower_fields(kind: str, timm_model: str, timm_kwargs: dict[str, Any]) -> dict[str, Any]:
     """The :class:`VisionConfig` fields a timm architecture determines for a ``kind`` of tower."""
+    load_builtin_families()
     if kind not in TIMM_FIELDS:
         raise ConfigError(
             f"vision kind {kind!r} cannot be built from a timm architecture (vision.timm_model); "

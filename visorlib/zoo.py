@@ -33,6 +33,7 @@ from .hub import (
 from .models import family_for_hf, family_of, init_weights, model_class
 from .registry import resolve
 from .visor import visorize as visorize_plan
+from .visor.plan import LayerPlan
 
 
 def zoo_dir() -> Path:
@@ -166,11 +167,36 @@ def load_weights(model: nn.Module, folder: Path) -> None:
     load_state_into(model, state, str(folder), origins)
 
 
+def _layer_count_hint(folder: Path, cfg: ModelConfig) -> str:
+    """``; its weights hold 8 decoder layers ...`` when the weights disagree with ``decoder.num_layers``."""
+    from safetensors import safe_open
+
+    layers = set()
+    try:
+        for file in weight_files(folder):
+            with safe_open(str(file), framework="pt") as handle:  # key names only, no tensor is read
+                layers |= {key.split(".")[2] for key in handle.keys() if key.startswith("decoder.layers.")}
+    except Exception:  # noqa: BLE001 - only a hint; the weights' own errors come when they are loaded
+        return ""
+    if layers and len(layers) != cfg.decoder.num_layers:
+        return (f"; its weights hold {len(layers)} decoder layers but decoder.num_layers is "
+                f"{cfg.decoder.num_layers}: set decoder.num_layers to {len(layers)}")
+    return ""
+
+
 def read_checkpoint_config(folder: Path) -> ModelConfig:
     """The :class:`ModelConfig` of a visorlib or Hugging Face checkpoint folder."""
     own = folder / VISORLIB_CONFIG
     if own.exists():
-        return ModelConfig.from_dict(read_checkpoint_meta(own)["config"], str(own))
+        cfg = ModelConfig.from_dict(read_checkpoint_meta(own)["config"], str(own))
+        if cfg.visor is not None:
+            # Checked here, where the file is known: otherwise the model's constructor reports an
+            # out-of-range visor.sa_layers naming neither the file nor the key that was edited.
+            try:
+                LayerPlan(cfg.decoder.num_layers, cfg.visor)
+            except ConfigError as err:
+                raise ConfigError(f"{own}: {err}{_layer_count_hint(folder, cfg)}") from None
+        return cfg
     hf = folder / "config.json"
     if not hf.exists():
         raise CheckpointError(f"{folder} has neither {VISORLIB_CONFIG} nor config.json")

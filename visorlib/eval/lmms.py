@@ -53,6 +53,27 @@ def _sa_layers(value: Any):
         raise ValueError(f"sa_layers={value!r}: expected default, router, all or layers like 1-4-7") from err
 
 
+def _count_arg(key: str, value: Any, allow_auto: bool = False) -> int:
+    """A ``model_args`` count (an int, or its text) that must be >= 1; errors name the key.
+
+    lmms-eval passes ``batch_size="auto"`` (or ``"auto:N"``) for its own models' batch search;
+    that means one prompt at a time here.
+    """
+    if allow_auto and str(value).startswith("auto"):
+        return 1
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.lstrip("-").isdigit():
+        raise ValueError(f"model_args {key}={value!r}: expected an integer >= 1"
+                         + (" or 'auto'" if allow_auto else ""))
+    if int(text) < 1:
+        raise ValueError(f"model_args {key}={value!r}: must be >= 1")
+    return int(text)
+
+
+#: Arguments lmms-eval itself may add to ``model_args`` (from its command line); accepted, unused.
+_LMMS_EXTRAS = ("max_batch_size",)
+
+
 class VisorlibLMM(lmms):
     """A visorlib checkpoint behind lmms-eval's simple-model interface.
 
@@ -65,6 +86,10 @@ class VisorlibLMM(lmms):
         max_new_tokens: Default answer length when a task sets none.
         model: An already built model (tests and Python use; ``pretrained`` is then ignored).
         processor: Its processor.
+
+    Raises:
+        ValueError: An unknown ``model_args`` key (a typo such as ``sa_layer=router`` must not run
+            the default configuration silently), or a bad value, naming the key.
     """
 
     is_simple = True
@@ -74,6 +99,15 @@ class VisorlibLMM(lmms):
                  processor=None, **kwargs: Any) -> None:
         super().__init__()
         from .runner import _load_model
+
+        unknown = sorted(k for k in kwargs if k not in _LMMS_EXTRAS)
+        if unknown:
+            known = ["pretrained", "sa_layers", "dtype", "device", "batch_size", "max_new_tokens"]
+            raise ValueError(f"model_args: unknown key(s) {', '.join(unknown)} for --model visorlib "
+                             f"(known: {', '.join(known)})")
+        # Checked before the (possibly large) model is loaded.
+        batch_size = _count_arg("batch_size", batch_size, allow_auto=True)
+        max_new_tokens = _count_arg("max_new_tokens", max_new_tokens)
 
         if model is None:
             if pretrained is None:
@@ -89,9 +123,7 @@ class VisorlibLMM(lmms):
             raise ValueError("the visorlib lmms-eval model needs the checkpoint's tokenizer.json")
         self.model, self.processor = model.eval(), processor
         self.sa_layers = _sa_layers(sa_layers)
-        # lmms-eval may pass "auto" (meant for its own HF models): one prompt at a time then.
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 1
-        self.max_new_tokens = int(max_new_tokens)
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
 
     def _visuals(self, doc_to_visual, doc_id, task, split) -> list:
         if doc_to_visual is None:

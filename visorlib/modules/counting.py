@@ -11,7 +11,6 @@ import json
 from functools import lru_cache
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import VisionConfig
 from ..registry import build_vision_tower
@@ -45,6 +44,8 @@ def _counted_tower_flops(cfg_json: str) -> float:
     with torch.device("meta"):
         tower = build_vision_tower(cfg)
         pixels = torch.empty(1, 3, cfg.image_size, cfg.image_size)
+    from torch.utils.flop_counter import FlopCounterMode  # here: it imports triton where installed (slow)
+
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         tower(pixels)
     return float(counter.get_total_flops())

@@ -16,6 +16,10 @@ Every image visorlib reads from a path (training data, ``visorlib generate --ima
   ``PIL.Image.MAX_IMAGE_PIXELS``, error above twice that) is replaced by this limit; note that
   PIL still refuses anything above twice its own limit, so a ``max_pixels`` beyond that also needs
   ``PIL.Image.MAX_IMAGE_PIXELS`` raised.
+* **One upright frame.** A multi-frame file (animated GIF, APNG, multi-page TIFF) gives its first
+  frame, detached from the file (the file is closed on return; a still-attached frame failed later
+  with "seek of closed file"). A JPEG's EXIF orientation is applied (``ImageOps.exif_transpose``,
+  as transformers' ``load_image`` does), so a phone photo is not processed sideways.
 * **Decoded here.** The image is fully loaded (``Image.load``), so a truncated or corrupt file
   fails in this function, with the file's name, not later inside preprocessing — whatever
   ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` says: some libraries set that process-wide switch on
@@ -90,8 +94,8 @@ def open_image(path: str | os.PathLike, *, root: str | os.PathLike | None = None
         max_pixels: Largest ``width * height`` accepted; ``None``: only PIL's own limit applies.
 
     Returns:
-        The decoded image in its file's mode (the processors convert modes; the first frame of
-        multi-frame files).
+        The decoded image in its file's mode (the processors convert modes): the first frame of a
+        multi-frame file, turned upright by its EXIF orientation.
 
     Raises:
         InputError: Not found, not a regular file, outside the root, too many pixels, or not a
@@ -146,4 +150,19 @@ def _decode(handle, full: Path, max_pixels: int | None) -> Image.Image:
             # PIL reports truncated data as OSError ("image file is truncated"), broken headers as
             # SyntaxError / ValueError depending on the plugin.
             raise InputError(f"image {full} is corrupt or unreadable (truncated?): {err}") from err
+        return _upright_first_frame(image, full)
+
+
+def _upright_first_frame(image: Image.Image, full: Path) -> Image.Image:
+    """The loaded first frame, independent of the (about to be closed) file, EXIF orientation applied."""
+    from PIL import ImageOps
+
+    try:
+        if getattr(image, "n_frames", 1) > 1:
+            image.seek(0)
+            image = image.copy()  # a frame still tied to its file would seek the closed handle later
+        if image.getexif().get(0x0112, 1) != 1:  # 0x0112: Orientation; 1 is upright
+            image = ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise InputError(f"image {full} is corrupt or unreadable: {err}") from err
     return image

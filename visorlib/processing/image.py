@@ -21,21 +21,39 @@ place that geometry is defined.
 
 from __future__ import annotations
 
+import importlib
 import math
+import types
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as tvF
 from PIL import Image
 
 from ..config import ModelConfig
 from ..validation import InputError
 from . import anyres
 
-_BICUBIC = tvF.InterpolationMode.BICUBIC
+
+class _LazyModule(types.ModuleType):
+    """A module imported on first attribute access.
+
+    torchvision's import pulls in ``torch._dynamo`` (seconds on a loaded 2-core machine); the
+    processors need it only once an image is processed, not on ``import visorlib``.
+    """
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self.__name__), attr)
+
+
+tvF = _LazyModule("torchvision.transforms.v2.functional")  # torchvision's functional transforms, lazily
+
+
+def _bicubic():
+    """torchvision's bicubic interpolation mode (looked up at call time: torchvision loads lazily)."""
+    return tvF.InterpolationMode.BICUBIC
 _RESCALE = 1 / 255
 
 
@@ -201,7 +219,7 @@ def anyres_tiles(image: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     height, width = image.shape[-2:]
     best_h, best_w = anyres.select_best_resolution((height, width), cfg.processing.pinpoints(side))
     new_h, new_w = _fit_size(height, width, (best_h, best_w))
-    resized = tvF.resize(image, [new_h, new_w], interpolation=_BICUBIC, antialias=True)
+    resized = tvF.resize(image, [new_h, new_w], interpolation=_bicubic(), antialias=True)
     # The odd pixel of padding goes to the bottom/right (divmod), matching HF.
     top, extra_h = divmod(best_h - new_h, 2)
     left, extra_w = divmod(best_w - new_w, 2)
@@ -209,8 +227,8 @@ def anyres_tiles(image: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     rows, cols = anyres.tile_grid((height, width), cfg.processing.pinpoints(side), side)
     grid = [padded[:, r * side : (r + 1) * side, c * side : (c + 1) * side] for r in range(rows) for c in range(cols)]
     # Pinpoints that are not multiples of the tile leave short edge tiles; HF resizes them to S.
-    grid = [t if t.shape[-2:] == (side, side) else tvF.resize(t, [side, side], interpolation=_BICUBIC) for t in grid]
-    base = tvF.resize(image, [side, side], interpolation=_BICUBIC, antialias=True)
+    grid = [t if t.shape[-2:] == (side, side) else tvF.resize(t, [side, side], interpolation=_bicubic()) for t in grid]
+    base = tvF.resize(image, [side, side], interpolation=_bicubic(), antialias=True)
     return torch.stack([base, *grid])
 
 
@@ -223,7 +241,7 @@ def square_tile(image: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
         left, top = (size - width) // 2, (size - height) // 2
         fill = [int(m * 255) for m in cfg.processing.image_mean]
         image = tvF.pad(image, [left, top, size - width - left, size - height - top], fill=fill)
-    return tvF.resize(image, [side, side], interpolation=_BICUBIC, antialias=True).unsqueeze(0)
+    return tvF.resize(image, [side, side], interpolation=_bicubic(), antialias=True).unsqueeze(0)
 
 
 def preprocess_images(
@@ -305,5 +323,5 @@ def preprocess_video(frames: Any, cfg: ModelConfig) -> torch.Tensor:
     """
     video = _frames_tensor(frames)
     side = cfg.vision.image_size
-    video = tvF.resize(video, [side, side], interpolation=_BICUBIC, antialias=True)
+    video = tvF.resize(video, [side, side], interpolation=_bicubic(), antialias=True)
     return _normalize(video, cfg.processing.image_mean, cfg.processing.image_std).unsqueeze(0)

@@ -1,25 +1,41 @@
-"""Training: recipes, data, the (FSDP2) trainer, router pseudo-labels, the synthetic task."""
+"""Training: recipes, data, the (FSDP2) trainer, router pseudo-labels, the synthetic task.
 
-from .data import BatchPlan, ConversationDataset, DataError, collate
-from .recipe import Recipe, load_recipe
-from .router import log_configurations, select_labels, train_router
-from .runlock import RunDirError, RunLock
-from .synth import make_synthetic_dataset
-from .trainer import Trainer, configuration_for_step
+The names below load on first use (PEP 562): the trainer imports ``torch.distributed`` (about 2 s
+on a loaded 2-core machine), which ``visorlib --help`` and the ``data`` commands never need.
+"""
 
-__all__ = [
-    "BatchPlan",
-    "ConversationDataset",
-    "DataError",
-    "Recipe",
-    "RunDirError",
-    "RunLock",
-    "Trainer",
-    "collate",
-    "configuration_for_step",
-    "load_recipe",
-    "log_configurations",
-    "make_synthetic_dataset",
-    "select_labels",
-    "train_router",
-]
+from __future__ import annotations
+
+import importlib
+
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "BatchPlan": "data",
+    "ConversationDataset": "data",
+    "DataError": "data",
+    "collate": "data",
+    "Recipe": "recipe",
+    "load_recipe": "recipe",
+    "log_configurations": "router",
+    "select_labels": "router",
+    "train_router": "router",
+    "RunDirError": "runlock",
+    "RunLock": "runlock",
+    "make_synthetic_dataset": "synth",
+    "Trainer": "trainer",
+    "configuration_for_step": "trainer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

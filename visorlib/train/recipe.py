@@ -246,6 +246,10 @@ class Recipe:
         for index, spec in enumerate(data.datasets):
             key = f"data.datasets[{index}]"
             need(spec.format in DATASET_FORMATS, f"{key}.format", f"one of {DATASET_FORMATS}", spec.format)
+            # A llava_json file that is a folder fails later with a bare '[Errno 21]' naming no key.
+            if spec.format == "llava_json" and spec.path and Path(spec.path).is_dir():
+                raise ConfigError(f"{where}: {key}.path {spec.path} is a folder; a llava_json dataset is one "
+                                  "JSON / JSONL file (format: synthetic reads a folder written by visorlib data synth)")
             need(spec.weight > 0 and math.isfinite(spec.weight), f"{key}.weight", "a number > 0", spec.weight)
         positive = {"training.global_batch_size": train.global_batch_size, "data.micro_batch_size": data.micro_batch_size,
                     "training.max_steps": train.max_steps, "checkpoint.every_steps": self.checkpoint.every_steps,
@@ -260,6 +264,14 @@ class Recipe:
                            "data.prefetch_factor": data.prefetch_factor}.items():
             need(value is None or value >= 1, key, "an integer >= 1 or null", value)
         need(data.num_workers >= 0, "data.num_workers", "an integer >= 0", data.num_workers)
+        # torch.manual_seed takes 64 bits; a larger seed overflowed deep inside model building.
+        need(0 <= train.seed < 2**63, "training.seed", "an integer in [0, 2**63)", train.seed)
+        for key, value in {"logging.metrics_file": self.logging.metrics_file,
+                           "router.labels_file": self.router.labels_file}.items():
+            if value and Path(value).is_dir():
+                raise ConfigError(f"{where}: {key} {value} is a folder; name a file (e.g. {Path(value) / 'x.jsonl'})")
+        if self.checkpoint.dir and Path(self.checkpoint.dir).is_file():
+            raise ConfigError(f"{where}: checkpoint.dir {self.checkpoint.dir} is a file, not a folder")
         if data.num_workers == 0:
             need(data.prefetch_factor is None, "data.prefetch_factor", "null when data.num_workers is 0 "
                  "(only worker processes prefetch)", data.prefetch_factor)
@@ -350,7 +362,56 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     recipe.source = str(path)
     # Absolute: the recipe recorded in a checkpoint must not depend on the directory a run started in.
     resolve_paths(recipe, Path(path).absolute().parent, skip=overridden)
-    return recipe.validate()
+    recipe.validate()
+    check_configuration(recipe)
+    return recipe
+
+
+def model_config(recipe: Recipe):
+    """The card a recipe trains: ``model.name``, shrunk when ``model.tiny``, with ``model.overrides``."""
+    from .. import zoo
+
+    spec = recipe.model
+    cfg = zoo.get_config(spec.name)
+    if spec.tiny:
+        cfg = cfg.tiny()
+    if spec.overrides:
+        cfg = cfg.with_overrides(spec.overrides, f"{recipe.source}: model.overrides")
+    return cfg
+
+
+def check_configuration(recipe: Recipe, plan=None) -> None:
+    """Refuse a ``training.configuration`` the model's layer plan cannot run, naming the key.
+
+    Checked when the recipe is loaded (against the card, before minutes of model building) and
+    again against the built model (a ``model.pretrained`` checkpoint brings its own architecture).
+    ``[]`` is a configuration too: cross-attention only.
+
+    Args:
+        recipe: The recipe.
+        plan: The built model's :class:`~visorlib.visor.plan.LayerPlan`; None: the card's.
+
+    Raises:
+        ConfigError: A layer out of range, repeated or not a self-attention candidate.
+    """
+    from ..validation import LayerChoiceError
+    from ..visor.plan import LayerPlan
+
+    configuration = recipe.training.configuration
+    if configuration is None or recipe.training.mode == "dense":
+        return
+    if plan is None:
+        pretrained = recipe.model.pretrained
+        if isinstance(pretrained, str) and (Path(pretrained) / "visorlib.json").exists():
+            return  # the checkpoint's architecture decides; checked once it is built
+        cfg = model_config(recipe)
+        if cfg.visor is None:
+            return  # a dense card visorized later has no plan yet
+        plan = LayerPlan(cfg.decoder.num_layers, cfg.visor)
+    try:
+        plan.validate(configuration, "training.configuration")
+    except LayerChoiceError as err:
+        raise ConfigError(f"{recipe.source}: {err}") from None
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -362,13 +423,15 @@ def parse_override(item: str) -> tuple[str, Any]:
     """
     import yaml
 
+    from ..config import safe_load_unique
+
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value")
     key, text = item.split("=", 1)
     if not all(part.strip() for part in key.split(".")):
         raise ConfigError(f"override {item!r}: the key {key!r} must be dotted names like training.max_steps")
     try:
-        return key.strip(), yaml.safe_load(text)
+        return key.strip(), safe_load_unique(text)
     except yaml.YAMLError as err:
         detail = " ".join(str(err).split())
         raise ConfigError(f"override {item!r}: the value is not valid YAML (tags are not allowed): {detail}") from err

@@ -19,8 +19,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-
-from PIL import Image, ImageDraw, ImageFont
+from typing import Any
 
 from ..config import ModelConfig
 
@@ -33,14 +32,21 @@ WORDS = ("apple bird cake door fish gold hill iron jazz kite lamp moon nest oak 
 CORNERS = {"top left": (0.0, 0.0), "top right": (0.5, 0.0), "bottom left": (0.0, 0.5), "bottom right": (0.5, 0.5)}
 QUESTION_WORDS = "what colour is the background how many boxes are there word in top bottom left right ?".split()
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+#: Largest page side: a page is drawn in memory (RGB, plus PIL's working copies), so 100000 px
+#: asked for tens of GB and the process was killed with no message. 4096 is beyond any tile grid.
+MAX_IMAGE_SIZE = 4096
 
 
 def _ink(background: tuple[int, int, int]) -> tuple[int, int, int]:
     return (0, 0, 0) if sum(background) > 360 else (255, 255, 255)
 
 
-def render_page(rng: random.Random, size: int) -> tuple[Image.Image, dict]:
-    """One page and the facts the questions ask about."""
+def render_page(rng: random.Random, size: int) -> tuple[Any, dict]:
+    """One page (a PIL image) and the facts the questions ask about."""
+    # PIL's drawing modules load here, not with the module: `visorlib --help` imports this file for
+    # MAX_IMAGE_SIZE (its --image-size bound) and should not pay for them.
+    from PIL import Image, ImageDraw, ImageFont
+
     colour = rng.choice(list(COLOURS))
     image = Image.new("RGB", (size, size), COLOURS[colour])
     draw = ImageDraw.Draw(image)
@@ -148,12 +154,14 @@ def make_synthetic_dataset(folder: str | Path, cfg: ModelConfig, samples: int = 
         seed: Everything is reproducible from it.
 
     Raises:
-        ValueError: ``samples`` < 1 or ``image_size`` < 32 (nothing, or nothing legible, to write).
+        ValueError: ``samples`` < 1, or ``image_size`` < 32 (nothing legible) or above
+            :data:`MAX_IMAGE_SIZE` (a memory blow-up), checked before anything is allocated.
     """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"synthetic dataset: samples must be an integer >= 1, got {samples!r}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32:
-        raise ValueError(f"synthetic dataset: image_size must be an integer >= 32 pixels, got {image_size!r}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 32 <= image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"synthetic dataset: image_size must be an integer from 32 to {MAX_IMAGE_SIZE} pixels, "
+                         f"got {image_size!r}")
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)

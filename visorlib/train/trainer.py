@@ -15,14 +15,19 @@ the data order, the configuration and the learning rate are functions of the ste
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -39,11 +45,11 @@ from torch.distributed.checkpoint.state_dict import (
 
 from .. import zoo
 from ..config import ConfigError
-from ..hub import atomic_write_json, write_checkpoint
+from ..hub import CheckpointError, atomic_write_json, write_checkpoint
 from ..models import family_of, set_train_mode
 from ..visor.visorize import visorize
 from .data import BatchPlan, ConversationDataset, SkipMonitor, StepBatches, StepSampler, identity
-from .recipe import Recipe, recipe_differences
+from .recipe import Recipe, check_configuration, model_config, recipe_differences
 from .runlock import RunDirError, RunLock, check_writable
 
 log = logging.getLogger("visorlib.train")
@@ -125,11 +131,7 @@ def build_model(recipe: Recipe, device: torch.device):
     """The recipe's model (tiny, overridden, pretrained as asked), seeded for identical ranks."""
     spec = recipe.model
     torch.manual_seed(recipe.training.seed)
-    cfg = zoo.get_config(spec.name)
-    if spec.tiny:
-        cfg = cfg.tiny()
-    if spec.overrides:
-        cfg = cfg.with_overrides(spec.overrides, f"{recipe.source}: model.overrides")
+    cfg = model_config(recipe)
     if spec.pretrained:
         if spec.pretrained is not True and (Path(spec.pretrained) / "visorlib.json").exists():
             # A visorlib checkpoint carries its own architecture; a dense one becomes the card's VISOR model.
@@ -172,6 +174,59 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training after a completed step; the message says what was saved and how to resume."""
+
+
+def _causes(err: BaseException | None) -> list[BaseException]:
+    """``err``, what it was raised from, and each rank's exception inside a DCP ``CheckpointException``
+    (whose own text is every rank's traceback)."""
+    out: list[BaseException] = []
+    while err is not None and len(out) < 16:
+        out.append(err)
+        if isinstance(err, CheckpointException):
+            for failure in err.failures.values():
+                inner = failure[0] if isinstance(failure, tuple) else failure
+                if isinstance(inner, BaseException):
+                    out += _causes(inner)
+            break
+        err = err.__cause__ or err.__context__
+    return out
+
+
+def _disk_full(err: BaseException) -> bool:
+    """Whether ``err`` comes from ENOSPC (directly, chained, or on any rank of a DCP save)."""
+    return any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in _causes(err))
+
+
+def _reason(err: BaseException) -> str:
+    """The innermost message of ``err`` on one line (DCP's own is a traceback per rank)."""
+    cause = next((e for e in reversed(_causes(err)) if not isinstance(e, CheckpointException)), err)
+    return " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
+
+
+@contextmanager
+def _stop_on_sigint(enabled: bool):
+    """While training, Ctrl-C asks for a stop after the current step (which is then saved) instead
+    of killing the step midway; a second Ctrl-C interrupts at once. Yields the request flag (a list)."""
+    requested: list[bool] = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def ask(signum, frame):
+        requested.append(True)
+        signal.signal(signal.SIGINT, previous)  # the next Ctrl-C raises KeyboardInterrupt as usual
+        print("\nvisorlib train: Ctrl-C: stopping after this step and saving a checkpoint "
+              "(Ctrl-C again to stop at once, losing the steps since the last save)", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, ask)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class Trainer:
     """Runs a :class:`Recipe`.
 
@@ -181,16 +236,24 @@ class Trainer:
         allow_recipe_change: On resume, accept a recipe that differs from the checkpoint's in more
             than the fields of :data:`~visorlib.train.recipe.RESUMABLE_CHANGES` (the differences are
             logged instead of raised).
+        status: Called with a short line before each slow start-up phase (the CLI prints them, so a
+            user sees what the seconds before the progress bar are spent on).
 
     Raises:
-        RunDirError: ``checkpoint.dir`` (or the metrics file's folder) is not writable, or another
-            training holds its lock — before the model is built.
-        ConfigError: ``resume`` and the recipe differs from the checkpoint's (see above).
+        RunDirError: ``checkpoint.dir`` (or the metrics file's folder) is not writable, another
+            training holds its lock, or — without ``resume`` — it holds an earlier run's
+            checkpoints (they are never overwritten silently) — before the model is built.
+        ConfigError: ``resume`` and the recipe differs from the checkpoint's (see above), or the
+            checkpoint is past ``training.max_steps``.
+        CheckpointError: ``resume`` and the checkpoint does not fit the model built from the recipe.
     """
 
-    def __init__(self, recipe: Recipe, resume: bool = False, allow_recipe_change: bool = False):
+    def __init__(self, recipe: Recipe, resume: bool = False, allow_recipe_change: bool = False,
+                 status: Callable[[str], None] | None = None):
         recipe.validate()  # recipes built in Python get the checks load_recipe applies
         self.recipe, self.dist = recipe, Distributed()
+        say = status if status is not None and self.dist.main else (lambda _line: None)
+        self.interrupted = False
         train = recipe.training
         if train.threads is not None:
             torch.set_num_threads(train.threads)
@@ -203,7 +266,15 @@ class Trainer:
                 check_writable(Path(recipe.logging.metrics_file).parent, "logging.metrics_file's folder", recipe.source)
         with self._locked():  # refused now, before minutes of model building, if another run holds the folder
             pass
+        if not resume and (previous := self.latest_checkpoint()) is not None and recipe.training.stage != "router":
+            # Training from step 0 would write step_1.. beside (and prune) the earlier run's checkpoints.
+            raise RunDirError(f"{recipe.source}: checkpoint.dir {self.ckpt_dir} holds an earlier run's checkpoints "
+                              f"(up to {previous.name}); continue it with --resume (Trainer(..., resume=True)), or "
+                              "choose another checkpoint.dir, or move that folder away to start over")
+        say(f"building {recipe.model.name}{' (tiny)' if recipe.model.tiny else ''}"
+            f"{' from ' + str(recipe.model.pretrained) if recipe.model.pretrained else ''} on {self.dist.device}...")
         self.model = build_model(recipe, self.dist.device)
+        check_configuration(recipe, getattr(self.model, "plan", None))
         trainable = trainable_names(self.model, train.stage, train.freeze_vision_tower)
         for name, param in self.model.named_parameters():
             param.requires_grad_(name in trainable)
@@ -221,6 +292,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, opt.warmup_steps, train.max_steps, opt.min_lr_ratio)
         )
+        say(f"loading the tokenizer and indexing {len(recipe.data.datasets)} dataset(s)...")
         self.processor = training_processor(self.model, recipe)
         data = recipe.data
         # Without a ceiling on the share of broken rows (max_skip_fraction 1) a walk may cross the whole file.
@@ -242,10 +314,8 @@ class Trainer:
         self.skips = SkipMonitor(self.datasets, data.max_skip_fraction, data.skip_check_after)
         self.step = 0
         if resume:
+            say(f"resuming from the latest checkpoint in {self.ckpt_dir}...")
             self.resume(allow_recipe_change=allow_recipe_change)
-        elif self.dist.main and (previous := self.latest_checkpoint()) is not None:
-            log.warning("starting from step 0 in %s, which holds checkpoints up to %s of an earlier run: they will "
-                        "be overwritten (use --resume to continue that run instead)", self.ckpt_dir, previous.name)
 
     def _shard(self) -> None:
         from torch.distributed.fsdp import fully_shard
@@ -356,7 +426,8 @@ class Trainer:
         total = max_steps if max_steps is not None else self.recipe.training.max_steps
         logs = []
         progress = None
-        with self._locked():
+        saved = self.step
+        with self._locked(), _stop_on_sigint(self.dist.main) as stop:
             # The metrics file holds each step once: lines beyond the step training starts from
             # (a killed run's, or an earlier run's in the same folder) are dropped, not duplicated.
             self._forget_metrics_after(self.step)
@@ -375,12 +446,30 @@ class Trainer:
                     items = []
                     logs.append(metrics)
                     self._log(metrics, progress)
-                    if self.step % self.recipe.checkpoint.every_steps == 0 or self.step == total:
+                    stopping = bool(self.dist.sum(1.0 if stop else 0.0))  # every rank stops at the same step
+                    if self.step % self.recipe.checkpoint.every_steps == 0 or self.step == total or stopping:
                         self.save_checkpoint()
+                        saved = self.step
+                    if stopping:
+                        self.interrupted = True
+                        break
+            except KeyboardInterrupt as err:  # a second Ctrl-C, or one outside the main thread's handler
+                if isinstance(err, TrainingInterrupted):
+                    raise
+                raise TrainingInterrupted(self._resume_hint(saved, lost=self.step - saved)) from None
             finally:
                 if progress is not None:
                     progress.close()
+        if self.interrupted:
+            raise TrainingInterrupted(self._resume_hint(saved))
         return logs
+
+    def _resume_hint(self, saved: int, lost: int = 0) -> str:
+        """Where training stopped, what is saved, and the command that continues it."""
+        where = f"checkpoint step {saved} in {self.ckpt_dir}" if saved else f"no checkpoint yet in {self.ckpt_dir}"
+        lost_text = f" ({lost} step(s) since it were not saved)" if lost else ""
+        how = f"visorlib train {self.recipe.source} --resume" if saved else f"visorlib train {self.recipe.source}"
+        return f"interrupted at step {self.step}; {where}{lost_text}; continue with: {how}"
 
     def _log(self, metrics: dict[str, Any], progress) -> None:
         if not self.dist.main:
@@ -423,25 +512,40 @@ class Trainer:
         tmp = self.ckpt_dir / f".tmp_step_{self.step:08d}"
         with self._locked():
             if self.dist.main:
-                shutil.rmtree(tmp, ignore_errors=True)
+                # Under the lock no other run is writing: leftovers are a dead save's, still holding disk.
+                for stale in self.ckpt_dir.glob(".tmp_step_*"):
+                    shutil.rmtree(stale, ignore_errors=True)
                 tmp.mkdir(parents=True)
             self.dist.barrier()
-            with _quiet_single_process():
-                dcp.save(self._state(), checkpoint_id=str(tmp))
-            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            if self.dist.main:
-                if self.recipe.checkpoint.export_safetensors:
-                    write_checkpoint(full, self.model.cfg, tmp / "model")
-                    save_tokenizer(self.processor, tmp / "model")
-                atomic_write_json(tmp / "trainer.json", {"step": self.step, "scheduler": self.scheduler.state_dict(),
-                                                         "source": self.recipe.source, "recipe": self.recipe.to_dict()})
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(tmp, final)
-                (self.ckpt_dir / "latest.tmp").write_text(final.name)
-                os.replace(self.ckpt_dir / "latest.tmp", self.ckpt_dir / "latest")
-                self._prune()
+            try:
+                self._write_checkpoint(tmp, final)
+            except (Exception, CheckpointException, KeyboardInterrupt) as err:
+                if self.dist.main:
+                    shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint and `latest` are untouched
+                if _disk_full(err):
+                    raise RunDirError(f"no space left on device while saving step {self.step} into checkpoint.dir "
+                                      f"{self.ckpt_dir} (the partial save was removed; the latest complete checkpoint "
+                                      "is kept): free space there or lower checkpoint.keep, then --resume") from None
+                raise
             self.dist.barrier()
         return final
+
+    def _write_checkpoint(self, tmp: Path, final: Path) -> None:
+        """The body of :meth:`save_checkpoint`: fill ``tmp``, then rename it to ``final``."""
+        with _quiet_single_process():
+            dcp.save(self._state(), checkpoint_id=str(tmp))
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.dist.main:
+            if self.recipe.checkpoint.export_safetensors:
+                write_checkpoint(full, self.model.cfg, tmp / "model")
+                save_tokenizer(self.processor, tmp / "model")
+            atomic_write_json(tmp / "trainer.json", {"step": self.step, "scheduler": self.scheduler.state_dict(),
+                                                     "source": self.recipe.source, "recipe": self.recipe.to_dict()})
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            (self.ckpt_dir / "latest.tmp").write_text(final.name)
+            os.replace(self.ckpt_dir / "latest.tmp", self.ckpt_dir / "latest")
+            self._prune()
 
     def _prune(self) -> None:
         done = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir())
@@ -486,12 +590,23 @@ class Trainer:
                                   "--allow-recipe-change (Trainer(..., allow_recipe_change=True))")
             for change in changes:
                 log.warning("resuming with a changed recipe: %s", change)
+        step, total = int(meta["step"]), self.recipe.training.max_steps
+        if step > total:
+            raise ConfigError(f"{self.recipe.source}: training.max_steps={total} but {path} is at step {step}: "
+                              f"nothing to train (a resumed run cannot go back); set training.max_steps above {step}")
         state = self._state()
-        with _quiet_single_process():
-            dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        try:
+            with _quiet_single_process():
+                dcp.load(state, checkpoint_id=str(path))
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        except (CheckpointException, RuntimeError, KeyError, ValueError) as err:
+            # DCP's CheckpointException is a BaseException (the CLI's handler would miss it) and lists
+            # every rank's traceback; the cause that matters is that the shapes or names differ.
+            raise CheckpointError(f"{path} does not fit the model built from {self.recipe.source} (the architecture "
+                                  f"differs from the one it was trained with: {_reason(err)}); resume with the recipe it "
+                                  "was trained with, or start a new run in another checkpoint.dir") from None
         self.scheduler.load_state_dict(meta["scheduler"])
-        self.step = int(meta["step"])
+        self.step = step
         with self._locked():
             self._forget_metrics_after(self.step)
         return self.step

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.models.fastvit import checkpoint_filter_fn
 
 from ...config import ConfigError, ImageProcessingConfig, ModelConfig, TokensConfig, VisionConfig
 from ...hub import CheckpointError
@@ -70,6 +69,8 @@ def apple_fastvit_key_map(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     Raises:
         CheckpointError: for an un-folded tower or keys a FastViT does not have.
     """
+    from timm.models.fastvit import checkpoint_filter_fn  # here: importing timm costs seconds
+
     unfolded = sorted(key for key in state if _UNFOLDED.search(key))
     if unfolded:
         raise CheckpointError(f"Apple FastViT tower: {unfolded[0]!r} is a training-time branch; only "

@@ -10,16 +10,15 @@ that 3072-channel map, flattened row-major: 16 x 16 = 256 tokens at 1024 px, 36 
 FastVLM ships the network *re-parameterised* (``inference_mode=True``: each multi-branch block
 folded into one convolution), so that is how the tower is built; the parameter names are timm's,
 under ``timm_model.``, exactly as in transformers' ``TimmWrapperModel``. Nothing here re-implements
-FastViT: timm is the implementation, this module only fixes how it is created and read.
+FastViT: timm is the implementation, this module only fixes how it is created and read. timm is
+imported when a tower is created, not with this module: it costs seconds of ``import visorlib``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import timm
 import torch
-from timm.models.fastvit import FastVit
 from torch import nn
 
 from ...config import ConfigError, VisionConfig
@@ -27,7 +26,7 @@ from ...modules.counting import counted_tower_flops
 from ...registry import register_vision_tower
 
 
-def create_fastvit(timm_model: str, timm_kwargs: dict[str, Any]) -> FastVit:
+def create_fastvit(timm_model: str, timm_kwargs: dict[str, Any]) -> nn.Module:
     """``timm.create_model`` for a re-parameterised FastViT without a classifier.
 
     Args:
@@ -37,6 +36,9 @@ def create_fastvit(timm_model: str, timm_kwargs: dict[str, Any]) -> FastVit:
     Raises:
         ConfigError: Unknown architecture, a bad keyword argument, or not a FastViT.
     """
+    import timm
+    from timm.models.fastvit import FastVit
+
     if "inference_mode" in timm_kwargs and not timm_kwargs["inference_mode"]:
         raise ConfigError("vision.timm_kwargs: FastVLM checkpoints are re-parameterised; inference_mode must be true")
     kwargs = {k: v for k, v in timm_kwargs.items() if k != "inference_mode"}

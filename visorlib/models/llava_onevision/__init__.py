@@ -13,7 +13,7 @@ from ...registry import Family, register_family
 from .convert import config_from_hf, convert_llava_onevision_state
 from .model import LlavaOnevision, Projector
 from .processor import LlavaOnevisionProcessor, reduced_image_tokens
-from .siglip import SiglipVisionTower, siglip_tower_flops
+from .siglip import siglip_tower_flops
 
 
 def projector_flops(cfg: ModelConfig, tiles: int) -> float:
@@ -46,3 +46,12 @@ FAMILY = register_family(Family(
 
 __all__ = ["FAMILY", "LlavaOnevision", "LlavaOnevisionProcessor", "Projector", "SiglipVisionTower",
            "reduced_image_tokens"]
+
+
+def __getattr__(name: str):
+    """``SiglipVisionTower`` on first use: its module imports timm (seconds), see :mod:`.siglip`."""
+    if name == "SiglipVisionTower":
+        from .siglip_vit import SiglipVisionTower
+
+        return SiglipVisionTower
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

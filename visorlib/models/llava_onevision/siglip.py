@@ -10,67 +10,23 @@ GELU and LayerNorm eps 1e-6. timm ships no converter from Hugging Face's SigLIP 
 Other SigLIP sizes plug in by name: a card with ``vision.timm_model: vit_base_patch16_siglip_384``
 gets its sizes from timm's own architecture (:func:`siglip_fields_from_timm`), so the tower is that
 network with the same parameter names as timm's (its ``state_dict`` loads into timm's model).
+
+The tower class itself lives in :mod:`.siglip_vit`, which imports timm: importing timm costs
+seconds (it pulls in torchvision and, where installed, wandb), so it happens only when a tower is
+built or a timm architecture is read, not on ``import visorlib`` (issue 17's start-up target).
 """
 
 from __future__ import annotations
 
 import re
-from functools import partial
 
 import torch
-from timm.layers import GELUTanh
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ...config import ConfigError, VisionConfig
 from ...modules.convert import rename_keys
 from ...modules.counting import attention_core_flops, linear_flops
 from ...registry import register_vision_tower
-
-
-class SiglipVisionTower(VisionTransformer):
-    """timm ViT configured as SigLIP; ``forward`` returns per-patch features ``[N, T, C]``.
-
-    The final ``norm`` (Hugging Face's ``post_layernorm``) is kept so checkpoints round-trip and
-    parameter counts match the reference, but LLaVA-OneVision's features are taken before it.
-    """
-
-    def __init__(self, cfg: VisionConfig):
-        super().__init__(
-            img_size=cfg.image_size,
-            patch_size=cfg.patch_size,
-            embed_dim=cfg.hidden_size,
-            depth=cfg.num_layers,
-            num_heads=cfg.num_heads,
-            # timm sizes the MLP as int(dim * mlp_ratio); the +0.5 makes the floor land exactly on
-            # intermediate_size whatever the float rounding of the ratio.
-            mlp_ratio=(cfg.intermediate_size + 0.5) / cfg.hidden_size,
-            qkv_bias=True,
-            class_token=False,
-            global_pool="",
-            num_classes=0,
-            act_layer=cfg.hidden_act,
-            norm_layer=partial(nn.LayerNorm, eps=cfg.layer_norm_eps),
-        )
-        self.cfg = cfg
-        # Unused by LLaVA-OneVision (features are read before it): frozen so optimisers skip it.
-        self.norm.requires_grad_(False)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """Patch features of the last block, before the final norm.
-
-        Args:
-            pixel_values: ``[N, 3, image_size, image_size]`` normalised tiles.
-
-        Returns:
-            ``[N, grid_size**2, hidden_size]``.
-        """
-        x = self.patch_embed(pixel_values)
-        x = self._pos_embed(x)
-        x = self.norm_pre(x)
-        for block in self.blocks:
-            x = block(x)
-        return x
 
 
 def siglip_fields_from_timm(timm_model: str, timm_kwargs: dict) -> dict:
@@ -85,6 +41,10 @@ def siglip_fields_from_timm(timm_model: str, timm_kwargs: dict) -> dict:
         ConfigError: Unknown architecture, not a ViT, or not expressible as a SigLIP tower.
     """
     import timm
+    from timm.layers import GELUTanh
+    from timm.models.vision_transformer import VisionTransformer
+
+    from .siglip_vit import SiglipVisionTower
 
     try:
         with torch.device("meta"):
@@ -170,6 +130,8 @@ def siglip_key_map(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 @register_vision_tower("siglip", timm_fields=siglip_fields_from_timm)
 def build_siglip(cfg: VisionConfig) -> nn.Module:
     """The ``vision.kind: siglip`` tower."""
+    from .siglip_vit import SiglipVisionTower
+
     return SiglipVisionTower(cfg)
 
 
@@ -184,3 +146,12 @@ def siglip_tower_flops(cfg: VisionConfig, tiles: int) -> float:
         + 2 * linear_flops(tokens, cfg.hidden_size, cfg.intermediate_size)
     )
     return tiles * (per_tile + cfg.num_layers * block)
+
+
+def __getattr__(name: str):
+    """``SiglipVisionTower`` on first use (importing it imports timm; see the module docstring)."""
+    if name == "SiglipVisionTower":
+        from .siglip_vit import SiglipVisionTower
+
+        return SiglipVisionTower
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,11 +33,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torchvision.transforms.v2.functional as tvF
 
 from ...config import ModelConfig
 from ...processing.chat import QWEN2_VL_SYSTEM, apply_qwen2_vl_chat_template
-from ...processing.image import _frames_tensor, _normalize, to_chw_tensor
+from ...processing.image import _frames_tensor, _normalize, to_chw_tensor, tvF
 from ...processing.processor import ChatProcessor, list_videos
 from ...validation import InputError
 
@@ -208,13 +207,25 @@ class Qwen2VLProcessor(ChatProcessor):
         """The Qwen2-VL prompt for ``messages`` (see :func:`.chat.apply_qwen2_vl_chat_template`)."""
         return apply_qwen2_vl_chat_template(messages, add_generation_prompt, add_vision_id)
 
-    def profile_inputs(self, image: Any, n_text: int, seed: int = 0) -> tuple[torch.Tensor, dict[str, Any], int]:
+    def profile_inputs(self, image: Any, n_text: int, seed: int = 0,
+                       token_reduction: object = None) -> tuple[torch.Tensor, dict[str, Any], int]:
         """A one-image prompt with ``n_text`` random ordinary text ids around the visual tokens.
 
         For measuring cost without a tokenizer (``visorlib profile``). Returns ``(input_ids [1, L],
         vision inputs, patches through the vision tower)``; for Qwen2-VL the FLOP model counts the
         tower by patches (one image: one attention sequence), see :func:`visorlib.flops.vision_tower_flops`.
+        ``token_reduction`` is accepted as the other families' is: an in-LLM method drops tokens
+        inside the decoder, so the prompt is unchanged.
+
+        Raises:
+            ReductionSpecError: A malformed spec, or a pre-LLM method (Qwen2-VL has no tiled tower).
         """
+        from ...visor.reduction import PRE_LLM, ReductionSpecError, parse_reduction
+
+        pre_llm = [r.name for r in parse_reduction(token_reduction) if r.where == PRE_LLM]
+        if pre_llm:
+            raise ReductionSpecError(f"token_reduction: {pre_llm[0]} is a pre-LLM method, which Qwen2-VL does not "
+                                     "run (fastv and pyramiddrop work on every family)")
         vision = self(images=[image])
         grid = vision["image_grid_thw"][0].tolist()
         return self.profile_ids(self._tokens_of(grid), n_text, seed), vision, vision["pixel_values"].shape[0]

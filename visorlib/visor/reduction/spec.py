@@ -367,9 +367,12 @@ def _parse_one(item: Any, where: str) -> Reducer:
         if isinstance(kwargs["keep"], float) and isinstance(ratios, Sequence) and ratios and ratios[-1] != kwargs["keep"]:
             raise ReductionSpecError(f"{where}: pyramiddrop 'keep' {kwargs['keep']} differs from the last of "
                                      f"'ratios' {list(ratios)}; give one of them")
-    if cls is PyramidDrop and "ratios" in kwargs and "keep" not in kwargs and isinstance(kwargs["ratios"], Sequence):
-        kwargs["keep"] = kwargs["ratios"][-1] if kwargs["ratios"] else 1.0
     try:
+        if cls is PyramidDrop and "ratios" in kwargs and "keep" not in kwargs and isinstance(kwargs["ratios"], Sequence):
+            # 'keep' is derived from the last ratio: check the ratios first, or a bad one is blamed on 'keep'.
+            for i, ratio in enumerate(kwargs["ratios"]):
+                _share(method, f"ratios[{i}]", ratio)
+            kwargs["keep"] = kwargs["ratios"][-1] if kwargs["ratios"] else 1.0
         return cls(**kwargs)
     except ReductionSpecError as err:
         raise ReductionSpecError(f"{where}: {err}") from None
