@@ -19,8 +19,14 @@ import sys
 import types
 
 from . import compat
+from .config import FAMILY_LOADER
 
 __version__ = "0.1.0"
+
+# The registry is filled by importing the families (visorlib.models registers them). Nothing below
+# the package's top may import them (layers point one way), so the registry is handed the loader
+# from here, and calls it on its first look-up.
+FAMILY_LOADER.append(lambda: importlib.import_module(".models", __name__))
 
 compat.install()  # old module paths (visorlib.blocks, visorlib.backbones, ...) keep importing
 

@@ -9,7 +9,6 @@ with the default. The same strict parser serves overrides passed to :func:`visor
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 import types
 import typing
@@ -49,6 +48,9 @@ def check_divisible(section: str, obj: Any, name: str, by: str) -> None:
 #: generic shrink: ``family name -> (cfg, overrides) -> overrides``. Filled by
 #: :func:`visorlib.registry.register_family`; this module stays a leaf that imports no family.
 TINY_RULES: dict[str, Callable[[Any, dict[str, Any]], dict[str, Any]]] = {}
+#: Loads the built-in families (and so their :data:`TINY_RULES`) on first need. Filled by the
+#: package's ``__init__`` (the top of the import graph): lower modules hold a slot, not an import.
+FAMILY_LOADER: list[Callable[[], None]] = []
 
 
 @dataclass
@@ -346,9 +348,10 @@ class ModelConfig:
             overrides["visor"] = {"routing_token_id": 252, "router_hidden": 16}
         if self.decoder.mrope_section is not None:
             decoder["mrope_section"] = [2, 3, 3]  # [16, 24, 24]'s proportions, summing to head_dim / 2 = 8
-        # The rules are registered with the families; a leaf cannot import them, so ask the
-        # registry by name to load them (``import visorlib`` alone no longer does).
-        importlib.import_module("visorlib.registry").load_builtin_families()
+        # The rules are registered with the families, which ``import visorlib`` alone no longer
+        # loads; the registry left its loader here (a leaf cannot import it).
+        for load in FAMILY_LOADER:
+            load()
         rule = TINY_RULES.get(self.family)
         if rule is not None:  # a family whose tower has other geometry (registered with the family)
             overrides = rule(self, overrides)

@@ -17,7 +17,6 @@ the tables below.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from .config import TINY_RULES, ConfigError, DecoderConfig, ModelConfig, VisionConfig
+from .config import FAMILY_LOADER, TINY_RULES, ConfigError, DecoderConfig, ModelConfig, VisionConfig
 
 TowerFlops = Callable[[VisionConfig, "int | Sequence[int]"], float]
 
@@ -85,13 +84,16 @@ TIMM_FIELDS: dict[str, Callable[[str, dict[str, Any]], dict[str, Any]]] = {}
 
 
 def load_builtin_families() -> None:
-    """Import :mod:`visorlib.models`, which registers the built-in families, towers and decoders.
+    """Load the built-in families, towers and decoders if they are not loaded yet.
 
     ``import visorlib`` loads nothing heavy (start-up time), so a caller that reaches the registry
     without going through the zoo (``visorlib.registry.family_of(cfg)``, ``ModelConfig.tiny()``)
-    gets the tables filled here on first use; after that this is a dictionary look-up.
+    gets the tables filled here on first use; after that this is a dictionary look-up. The loader
+    itself is installed by the package's ``__init__`` (:data:`visorlib.config.FAMILY_LOADER`), so
+    that this module, below the families, never imports them.
     """
-    importlib.import_module("visorlib.models")
+    for load in FAMILY_LOADER:
+        load()
 
 
 def register_family(family: Family) -> Family:
