@@ -170,11 +170,11 @@ def input_files(datasets: Iterable[EvalDataset]) -> dict[Path, str]:
     return out
 
 
-def _written_by_eval(path: Path, kind: str) -> bool:
-    """Whether an existing file is an output of ``kind`` (empty files count: nothing to lose)."""
+def _written_by_eval(path: Path, output: str) -> bool:
+    """Whether an existing file is an ``output`` of eval's (empty files count: nothing to lose)."""
     if path.stat().st_size == 0:
         return True
-    if kind == "predictions":
+    if output == "predictions":
         with open(path, "rb") as handle:
             first = handle.readline(1 << 20)
         try:
@@ -182,7 +182,7 @@ def _written_by_eval(path: Path, kind: str) -> bool:
         except ValueError:
             return False
         return isinstance(record, dict) and all(k in record for k in RECORD_KEYS)
-    if kind == "report":
+    if output == "report":
         try:
             report = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
@@ -201,7 +201,7 @@ def check_outputs(outputs: Sequence[tuple[str, str | Path | None, str]], dataset
     """Refuse outputs that would overwrite an input, each other, or a file ``visorlib eval`` did not write.
 
     Args:
-        outputs: ``(flag, path, kind)`` with kind ``"report"``, ``"predictions"`` or ``"plot"``;
+        outputs: ``(flag, path, output)`` with output ``"report"``, ``"predictions"`` or ``"plot"``;
             a None path is not written.
         datasets: The evaluation's inputs.
 
@@ -210,7 +210,7 @@ def check_outputs(outputs: Sequence[tuple[str, str | Path | None, str]], dataset
     """
     inputs = input_files(datasets)
     taken: dict[Path, str] = {}
-    named = [(flag, path, kind, Path(path).expanduser().resolve()) for flag, path, kind in outputs if path is not None]
+    named = [(flag, path, output, Path(path).expanduser().resolve()) for flag, path, output in outputs if path is not None]
     for flag, path, _, real in named:
         if real in inputs:
             raise DataError(f"{flag} {path} is {inputs[real]}, an input of this evaluation; refusing to overwrite "
@@ -218,9 +218,9 @@ def check_outputs(outputs: Sequence[tuple[str, str | Path | None, str]], dataset
         if real in taken:
             raise DataError(f"{flag} {path} is also the {taken[real]} output; give each output its own file")
         taken[real] = flag
-    for flag, path, kind, real in named:
-        if real.is_file() and not _written_by_eval(real, kind):
+    for flag, path, output, real in named:
+        if real.is_file() and not _written_by_eval(real, output):
             what = {"report": "a visorlib eval report", "predictions": "a predictions file",
-                    "plot": "a plot written by visorlib eval"}[kind]
+                    "plot": "a plot written by visorlib eval"}[output]
             raise DataError(f"{flag} {path} exists and is not {what}; refusing to overwrite it (remove it or "
                             "choose another file)")
