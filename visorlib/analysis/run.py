@@ -105,6 +105,7 @@ def analyze(model, processor, samples: Sequence, *, sa_layers: object = None, ba
 
     if processor.tokenizer is None:
         raise ValueError("analysis needs the model's tokenizer (tokenizer.json beside the checkpoint)")
+    executed = droppable_layers(model, sa_layers)  # a bad configuration fails before any sample runs
     device = next(model.parameters()).device
     pad = processor.tokenizer.pad_token_id
     pad = model.cfg.tokens.pad_token_id if pad is None else pad
@@ -134,7 +135,7 @@ def analyze(model, processor, samples: Sequence, *, sa_layers: object = None, ba
         "dense": model.plan.dense,
         "num_layers": model.plan.num_layers,
         "ca_layers": list(model.plan.ca_layers),
-        "executed_sa_layers": droppable_layers(model, sa_layers),
+        "executed_sa_layers": executed,
         "settings": {"batch_size": batch_size, "chunk": chunk, "cka_estimator": cka_estimator,
                      "drop_subsets": drop_subsets, "seed": seed, "max_new_tokens": max_new_tokens,
                      "device": str(device), "dtype": str(model.dtype).removeprefix("torch.")},
