@@ -278,6 +278,8 @@ def test_random_subsets_correlation_and_clusters():
     assert corr[0][0] == pytest.approx(1.0) and corr[0][1] > 0.9
     assert easy_hard(profiles) == {"doc": "hard", "chart": "hard", "sqa": "easy", "pope": "easy"}
     assert correlation({"flat": [1.0, 1.0], "x": [1.0, 0.0]})[0][1] is None
+    robust = {"a": [1.0, 1.0, 0.97], "b": [1.0, 0.99, 1.0], "c": [0.9, 0.9, 0.88]}
+    assert set(easy_hard(robust).values()) == {"easy"}  # no group is vision-sensitive
 
 
 # -- the suggested plan and the command ------------------------------------------------------------------------

@@ -15,7 +15,8 @@ dataset/category). Across subsets each group has an accuracy profile; the Pearso
 the profiles is the dataset-by-dataset matrix of the paper's Fig. 4 (right). The groups then split
 into a *hard* (vision-sensitive) and an *easy* cluster: average linkage on the Euclidean distance
 between their *relative drop* profiles (``1 - accuracy / full accuracy`` per subset), and the
-cluster with the larger mean drop is called hard. The split uses the drops themselves, not the
+cluster with the larger mean drop is called hard (unless its mean drop is under 5 %: then no
+group is sensitive and all are easy). The split uses the drops themselves, not the
 correlation, because an insensitive dataset has a nearly flat profile whose correlation with
 anything is noise; the correlation says which datasets react alike, the drops say how much.
 """
@@ -122,10 +123,13 @@ def correlation(profiles: dict[str, Sequence[float]]) -> list[list[float | None]
             for i in range(len(names))]
 
 
-def easy_hard(profiles: dict[str, Sequence[float]]) -> dict[str, str]:
+def easy_hard(profiles: dict[str, Sequence[float]], min_drop: float = 0.05) -> dict[str, str]:
     """Each group labelled ``"easy"`` or ``"hard"`` (see the module docstring); {} for fewer than 2 groups.
 
-    ``profiles[g][0]`` must be the unmodified model's accuracy (the empty subset first).
+    Args:
+        profiles: Accuracy per subset, the unmodified model's (the empty subset) first.
+        min_drop: A cluster whose mean relative drop is below this is not called hard: when no
+            group is sensitive, every group is easy (two clusters of noise are not a finding).
     """
     names = list(profiles)
     if len(names) < 2:
@@ -143,6 +147,8 @@ def easy_hard(profiles: dict[str, Sequence[float]]) -> dict[str, str]:
         clusters[i] += clusters.pop(j)
     mean = [sum(sum(drops[n]) / max(len(drops[n]), 1) for n in c) / len(c) for c in clusters]
     hard = clusters[0] if mean[0] >= mean[1] else clusters[1]
+    if max(mean) < min_drop:
+        hard = []
     return {n: "hard" if n in hard else "easy" for n in names}
 
 

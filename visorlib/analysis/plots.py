@@ -104,8 +104,9 @@ def _layer_drop(plt, report, path: Path) -> Path:
     for i, g in enumerate(groups):
         acc = drop["accuracy"][g]
         left.bar(i, acc[0], color="0.85", width=0.6)
-        left.scatter([i] * (len(acc) - 1), acc[1:], s=12, zorder=3)
-    left.set_xticks(range(len(groups)), [f"{g}\n({drop['cluster'].get(g, '-')})" for g in groups], fontsize=8)
+        spread = [i + 0.25 * ((k % 5) - 2) / 2 for k in range(len(acc) - 1)]  # fixed jitter: equal scores stay visible
+        left.scatter(spread, acc[1:], s=12, zorder=3)
+    left.set_xticks(range(len(groups)), [f"{g}\ncluster: {drop['cluster'].get(g, '-')}" for g in groups], fontsize=8)
     left.set_ylabel("accuracy")
     left.set_ylim(0, 1.05)
     left.set_title("bar: full model, dots: vision dropped", fontsize=9)
@@ -116,7 +117,8 @@ def _layer_drop(plt, report, path: Path) -> Path:
     for i in range(len(groups)):
         for j in range(len(groups)):
             if corr[i][j] == corr[i][j]:
-                right.text(j, i, f"{corr[i][j]:.2f}", ha="center", va="center", fontsize=8)
+                right.text(j, i, f"{corr[i][j]:.2f}", ha="center", va="center", fontsize=8,
+                           color="white" if abs(corr[i][j]) > 0.6 else "black")
     right.set_title("accuracy correlation across subsets", fontsize=9)
     fig.colorbar(image, ax=right, shrink=0.8)
     fig.suptitle(f"{report['model']}: layer-drop sensitivity ({len(drop['subsets']) - 1} subsets)", fontsize=10)
