@@ -10,6 +10,8 @@ tokens** per sample, the paper's single-tile case. Reported:
   the probe's overhead is the difference to the plain forward;
 * ``analyze_s`` — the whole :func:`visorlib.analysis.analyze` over ``--samples`` samples with
   ``--drop-subsets`` layer-drop subsets (greedy answers of ``--max-new-tokens`` tokens);
+* ``cpu_s`` — the same in process CPU seconds, which other jobs on a shared machine distort less
+  than wall-clock time;
 * peak memory: process peak RSS on CPU (weights included; the RSS after building the model is
   reported beside it), ``torch.cuda.max_memory_allocated`` on a GPU.
 
@@ -82,27 +84,27 @@ def main() -> None:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         with torch.inference_mode():
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             model(**inputs, logits_to_keep=1, token_reduction=[])
             sync(device)
-            plain = time.perf_counter() - t0
-            t0 = time.perf_counter()
+            plain, plain_cpu = time.perf_counter() - t0, time.process_time() - c0
+            t0, c0 = time.perf_counter(), time.process_time()
             probe = measure_batch(model, batch, answer_positions(batch["labels"]), chunk=args.chunk, keep_states=True)
             sync(device)
-            observed = time.perf_counter() - t0
-            t0 = time.perf_counter()
+            observed, observed_cpu = time.perf_counter() - t0, time.process_time() - c0
+            t0, c0 = time.perf_counter(), time.process_time()
             cka = cka_matrix(torch.stack([s[0] for s in probe.states]))
             sync(device)
-            cka_s = time.perf_counter() - t0
+            cka_s, cka_cpu = time.perf_counter() - t0, time.process_time() - c0
         del probe
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         report = analyze(model, processor, samples, batch_size=args.batch_size, chunk=args.chunk,
                          drop_subsets=args.drop_subsets, max_new_tokens=args.max_new_tokens, suggest=True,
                          progress=False)
         sync(device)
-        analyze_s = time.perf_counter() - t0
+        analyze_s, analyze_cpu = time.perf_counter() - t0, time.process_time() - c0
     result = {
         "benchmark": "visorlib analyze, real-size random model (issue 19)",
         "model": args.model + (" (tiny)" if args.tiny else ""),
@@ -119,6 +121,9 @@ def main() -> None:
         "plain_forward_s": round(plain, 2),
         "observed_forward_s": round(observed, 2),
         "probe_overhead": round(observed / plain - 1, 3),
+        "cpu_s": {"plain_forward": round(plain_cpu, 2), "observed_forward": round(observed_cpu, 2),
+                  "cka": round(cka_cpu, 2), "analyze": round(analyze_cpu, 1)},
+        "probe_overhead_cpu": round(observed_cpu / plain_cpu - 1, 3),
         "cka_s": round(cka_s, 2),
         "cka_min": round(float(cka.min()), 4),
         "analyze_s": round(analyze_s, 1),

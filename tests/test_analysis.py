@@ -294,6 +294,9 @@ def test_suggested_plan_follows_attention_peaks_and_cka_stages():
     assert plan["sa_layers"] == [2, 6]
     assert plan["ca_layers"] == [5, 7]  # peaks at 2, 5, 7; layer 2 is already an SA candidate
     assert plan["configurations"] == [[], [2], [2, 6]]
+    # A change in the states leaving the last layer is read by no layer: no SA candidate there.
+    last = [[1.0 if (i == states - 1) == (j == states - 1) else 0.5 for j in range(states)] for i in range(states)]
+    assert suggest_plan(answer_image, last, 8)["sa_layers"] == []
 
 
 def test_the_analyze_command_writes_json_figures_and_a_plan_and_guards_its_folder(synthdoc, tmp_path, capsys):

@@ -13,7 +13,8 @@ to train and evaluate, not a guarantee:
   where the CKA to the current stage's first state falls below ``stage_threshold``; the layer that
   produced the change becomes an SA candidate (the layer that refines the visual tokens). The
   measured group with the lowest CKA (the hardest one) decides, since its refinements are the
-  ones an easy task can skip but a hard one cannot.
+  ones an easy task can skip but a hard one cannot. The state leaving the last layer is left out:
+  in a causal decoder no later layer reads it, so a change there is never worth an SA layer.
 * **Configurations** are the nested prefixes of the SA candidates (``[]``, ``[s1]``,
   ``[s1, s2]`` ...): the router can then buy stages in order.
 
@@ -41,10 +42,11 @@ def stage_boundaries(cka: Sequence[Sequence[float]], threshold: float = 0.9) -> 
         threshold: A state whose CKA to the current stage's first state is below this opens a stage.
 
     Returns:
-        The layers ``i - 1`` whose output ``i`` opened a stage, ascending.
+        The layers ``i - 1`` whose output ``i`` opened a stage, ascending. The last state (leaving
+        the last layer, read by no layer) is not considered.
     """
     first, out = 0, []
-    for state in range(1, len(cka)):
+    for state in range(1, len(cka) - 1):
         value = cka[first][state]
         if value is not None and value == value and value < threshold:  # value == value: not NaN
             out.append(state - 1)
