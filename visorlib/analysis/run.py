@@ -66,6 +66,8 @@ def teacher_forced(processor, sample) -> dict[str, Any]:
     Raises:
         ValueError: The sample cannot be encoded (named by file and row).
     """
+    if not sample.answers:
+        raise ValueError(f"{sample.source}[{sample.index}]: no reference answer to teacher-force")
     try:
         return processor.encode_turns([("user", sample.question), ("assistant", sample.answers[0])], sample.images())
     except (ValueError, OSError) as err:
