@@ -137,6 +137,14 @@ if ("eval",) in COMMANDS:
         ("eval-json-folder-missing", [*_EVAL, "--json", "/nonexistent/e.json"], ["--json /nonexistent/e.json"]),
         ("eval-batch-size-zero", [*_EVAL, "--batch-size", "0"], ["batch", "0"]),
     ]
+_ANALYZE = ["analyze", "{root}/ckpt", "--data", "{root}/synth/data.jsonl", "--out", "{root}/analysis"]
+if ("analyze",) in COMMANDS:
+    CASES += [
+        ("analyze-missing-data", ["analyze", "{root}/ckpt", "--data", "{root}/absent.jsonl"], ["absent.jsonl"]),
+        ("analyze-out-is-file", [*_ANALYZE[:-1], "{root}/plain.txt"], ["plain.txt", "is a file"]),
+        ("analyze-bad-sa-layers", [*_ANALYZE, "--sa-layers", "1,x"], ["--sa-layers '1,x'"]),
+        ("analyze-dense-sa-layers", [*_ANALYZE, "--sa-layers", "1", "--drop-subsets", "0"], ["dense model"]),
+    ]
 if ("data", "synthdoc") in COMMANDS:
     CASES += [
         ("synthdoc-negative", ["data", "synthdoc", "{root}/out", "--pages", "-3"], ["--pages", "-3"]),

@@ -1,4 +1,4 @@
-"""The ``visorlib`` command: list, info, generate, profile, train, data, eval, demo.
+"""The ``visorlib`` command: list, info, generate, profile, train, data, eval, analyze, demo.
 
 ``visorlib profile llava-ov-0.5b`` is the offline main job: it builds the real-size architecture
 with random weights (no download), feeds it one image, and reports visual tokens, parameters,
@@ -433,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.cli import add_eval_parser
 
     add_eval_parser(sub)
+    from .analysis.cli import add_analyze_parser
+
+    add_analyze_parser(sub)
     from .demo import add_demo_parser
 
     add_demo_parser(sub)

@@ -39,11 +39,15 @@ class PlanExecutor:
         plan: Layer roles.
         cross: Cross-attention blocks keyed by layer index (``str``).
         implementation: Attention backend.
+        pruning: In-LLM token reduction, applied before each layer of the prefill.
+        observer: Read-only probe of the prefill (``visorlib.analysis``): its ``before_layer(state,
+            index, layer)`` sees each layer's input, its ``finish(state)`` the last layer's output.
     """
 
     def __init__(self, decoder: nn.Module, plan: LayerPlan, cross: nn.ModuleDict | None, implementation: str,
-                 pruning: Pruning | None = None):
+                 pruning: Pruning | None = None, observer=None):
         self.decoder, self.plan, self.cross, self.impl, self.pruning = decoder, plan, cross, implementation, pruning
+        self.observer = observer
 
     def start(
         self,
@@ -76,6 +80,8 @@ class PlanExecutor:
             layer, role = self.decoder.layers[index], self.plan.roles[index]
             if self.pruning is not None and not state.past:
                 self.pruning.before_layer(state, index, layer)
+            if self.observer is not None and not state.past:
+                self.observer.before_layer(state, index, layer)
             run_sa = executes[:, index] if role == SELF else torch.zeros_like(executes[:, index])
             if state.past:
                 # Decoding: each layer attends over whatever its cache holds for each sample, so the
@@ -92,6 +98,8 @@ class PlanExecutor:
         """Merged hidden states ``[B, L, D]`` after the last layer; the cache counts the new tokens."""
         if state.cache is not None:
             state.cache.seen += state.length
+        if self.observer is not None and not state.past:
+            self.observer.finish(state)
         return state.restored()
 
     def run(self, hidden, position_ids, attention_mask, visual_mask, segments, executes, cache=None) -> torch.Tensor:

@@ -75,6 +75,7 @@ class VisorLanguageModel:
     def __init__(self, cfg: ModelConfig, decoder: nn.Module, plan: LayerPlan, cross_attention: nn.ModuleDict | None,
                  router: ConfigurationRouter | None):
         self.cfg, self.decoder, self.plan, self.cross_attention, self.router = cfg, decoder, plan, cross_attention, router
+        self.observer = None  # a read-only probe of every prefill (visorlib.analysis sets it for one pass)
 
     @torch.no_grad()
     def init_blocks(self) -> None:
@@ -124,7 +125,8 @@ class VisorLanguageModel:
     def executor(self, reducers: Sequence[Reducer] = ()) -> PlanExecutor:
         """An executor for one pass; ``reducers``: in-LLM token reduction (FastV, PyramidDrop) to apply."""
         pruning = Pruning(reducers, self.plan.num_layers) if reducers else None
-        return PlanExecutor(self.decoder, self.plan, self.cross_attention, self.cfg.attn_implementation, pruning)
+        return PlanExecutor(self.decoder, self.plan, self.cross_attention, self.cfg.attn_implementation, pruning,
+                            self.observer)
 
     def forward(self, embeds, position_ids, attention_mask, visual_mask, segments, routing_mask,
                 request: LayerRequest, cache: KVCache | None = None,

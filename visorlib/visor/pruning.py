@@ -40,6 +40,7 @@ from .reduction import (
     pyramiddrop_select,
     query_attention,
 )
+from .streams import gather_tokens
 
 
 class Pruning:
@@ -84,12 +85,34 @@ def last_token_scores(state, layer: nn.Module) -> torch.Tensor:
 
     The executor's batches are left-padded, so the last position is every sample's last token.
     """
+    batch, length = state.visual_mask.shape
+    last = torch.full((batch, 1), length - 1, device=state.visual_mask.device)
+    q, k = layer_queries_keys(state, layer, last)
+    layout = state.layout
+    return query_attention(q, k, last, state.new_mask.bool(), layout.visual_index, layout.visual_valid)
+
+
+def layer_queries_keys(state, layer: nn.Module, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``layer``'s queries at ``positions`` and keys at every position, recomputed from its input.
+
+    What the layer's own attention computes (input norm, projections, rotary), without asking it
+    for its attention matrix: the layer keeps running SDPA. Token reduction (the last prompt token)
+    and ``visorlib.analysis`` (every query and answer token) read attention through this.
+
+    Args:
+        state: The executor's state before ``layer`` runs (merged form in original order).
+        layer: A decoder layer with ``input_layernorm`` and ``self_attn``.
+        positions: ``[B, Q]`` sequence positions of the queries; ``L`` (one past the end) marks a
+            padded slot, whose query is zero.
+
+    Returns:
+        ``(q [B, Hq, Q, d], k [B, Hkv, L, d])``, rotary applied.
+    """
     attn = layer.self_attn
     hidden = layer.input_layernorm(state.merged())
     cos, sin = state.full_rope()
-    q = apply_rotary(attn.split_heads(attn.q_proj(hidden[:, -1:]), attn.num_heads), cos[:, -1:], sin[:, -1:])
+    rows = gather_tokens(hidden, positions)
+    q = apply_rotary(attn.split_heads(attn.q_proj(rows), attn.num_heads), gather_tokens(cos, positions),
+                     gather_tokens(sin, positions))
     k = apply_rotary(attn.split_heads(attn.k_proj(hidden), attn.num_kv_heads), cos, sin)
-    length = hidden.shape[1]
-    last = torch.full((hidden.shape[0], 1), length - 1, device=hidden.device)
-    layout = state.layout
-    return query_attention(q, k, last, state.new_mask.bool(), layout.visual_index, layout.visual_valid)
+    return q, k
