@@ -8,6 +8,7 @@ context) surfaces here as a 400 before the request takes a place in the queue.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,8 +60,9 @@ def configuration(model, sa_layers: Any) -> tuple[Any, str]:
     try:
         configs = parse_configs(model, spec)
     except (ValueError, TypeError, AttributeError) as err:
-        message = str(err).replace("--configs ", "sa_layers ")
-        raise APIError(f"'sa_layers': {message}", "sa_layers") from None
+        # parse_configs words its errors for --configs; say them in the request's terms.
+        message = re.sub(r"^--configs .*?: (sa_layers: )?", "", str(err))
+        raise APIError(f"'sa_layers' {sa_layers!r}: {message}", "sa_layers") from None
     if len(configs) != 1:
         raise APIError(f"'sa_layers' {sa_layers!r} names {len(configs)} configurations; a request runs one "
                        f"(e.g. 'none', 'router', 'default' or a list of layers)", "sa_layers")

@@ -300,7 +300,9 @@ class Scheduler:
             seq.push(token)
             if seq.finished:
                 self._done(seq)
-            elif not seq.cancelled:
+            elif seq.cancelled:  # the client left during this step
+                self.metrics.requests["cancelled"] += 1
+            else:
                 keep.append(row)
         self.last = torch.tensor(tokens)
         if len(keep) < len(self.active):
