@@ -58,26 +58,38 @@ def small_image(seed: int, side: int) -> str:
 
 
 def start_server(model: str, extra: list[str], threads: int, log: Path) -> tuple[subprocess.Popen, str]:
-    import httpx
-
+    """Start a server process (not yet ready: see :func:`wait_ready`)."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
     proc = subprocess.Popen([sys.executable, "-m", "visorlib.cli", "serve", model, "--port", str(port), "--threads",
                              str(threads), "--log-level", "warning", *extra], env=env, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(proc: subprocess.Popen, url: str, log: Path) -> None:
+    import httpx
+
+    deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{model}: server exited:\n{log.read_text()}")
+            raise RuntimeError(f"server exited:\n{log.read_text()}")
         try:
             if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return proc, url
+                return
         except httpx.HTTPError:
             pass
         time.sleep(1)
     proc.kill()
-    raise RuntimeError(f"{model}: server not ready in 600 s")
+    raise RuntimeError("server not ready in 900 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def one_request(client, model: str, image: str, question: str, sa_layers, max_tokens: int) -> dict:
@@ -127,35 +139,28 @@ def run_phase(url: str, model: str, jobs: list[tuple], concurrent: bool, max_tok
             "latency_mean_s": round(statistics.mean(latency), 3), "configurations_ran": counts}
 
 
-def bench_model(model: str, extra: list[str], args, log_dir: Path) -> dict:
+def bench_model(model: str, url: str, args) -> dict:
+    """The three phases against a ready server at ``url``."""
     import httpx
 
-    proc, url = start_server(model, extra, args.threads, log_dir / f"serve_bench_{model}.log")
-    try:
-        info = httpx.get(url + "/v1/models").json()["data"][0]["visor"]
-        configs = [",".join(map(str, c)) or "none" for c in info["configurations"]]
-        mixed = configs + (["router"] if info["router"] else [])
-        questions = ["What is the title?", "What color is the box?", "Read the number.", "What shape is shown?"]
-        images = [small_image(i, args.image_size) if args.image_size else None for i in range(args.requests)]
-        base = [(images[i], questions[i % len(questions)]) for i in range(args.requests)]
-        # Warm-up: first calls pay one-time costs (allocator, kernels) that no phase should carry.
-        run_phase(url, model, [(*base[0], "default")] * 2, True, 4)
-        out = {"server_flags": extra, "visor_configurations": mixed}
-        out["sequential"] = run_phase(url, model, [(*b, "default") for b in base], False, args.max_tokens)
-        out["batched_uniform"] = run_phase(url, model, [(*b, "default") for b in base], True, args.max_tokens)
-        out["batched_mixed"] = run_phase(url, model, [(*b, mixed[i % len(mixed)]) for i, b in enumerate(base)], True,
-                                         args.max_tokens)
-        seq, uni, mix = (out[k]["throughput_tok_s"] for k in ("sequential", "batched_uniform", "batched_mixed"))
-        out["speedup_batched_uniform_vs_sequential"] = round(uni / seq, 2)
-        out["speedup_batched_mixed_vs_sequential"] = round(mix / seq, 2)
-        out["mixed_vs_uniform_throughput"] = round(mix / uni, 3)
-        return out
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    info = httpx.get(url + "/v1/models").json()["data"][0]["visor"]
+    configs = [",".join(map(str, c)) or "none" for c in info["configurations"]]
+    mixed = configs + (["router"] if info["router"] else [])
+    questions = ["What is the title?", "What color is the box?", "Read the number.", "What shape is shown?"]
+    images = [small_image(i, args.image_size) if args.image_size else None for i in range(args.requests)]
+    base = [(images[i], questions[i % len(questions)]) for i in range(args.requests)]
+    # Warm-up: first calls pay one-time costs (allocator, kernels) that no phase should carry.
+    run_phase(url, model, [(*base[0], "default")] * 2, True, 4)
+    out = {"visor_configurations": mixed}
+    out["sequential"] = run_phase(url, model, [(*b, "default") for b in base], False, args.max_tokens)
+    out["batched_uniform"] = run_phase(url, model, [(*b, "default") for b in base], True, args.max_tokens)
+    out["batched_mixed"] = run_phase(url, model, [(*b, mixed[i % len(mixed)]) for i, b in enumerate(base)], True,
+                                     args.max_tokens)
+    seq, uni, mix = (out[k]["throughput_tok_s"] for k in ("sequential", "batched_uniform", "batched_mixed"))
+    out["speedup_batched_uniform_vs_sequential"] = round(uni / seq, 2)
+    out["speedup_batched_mixed_vs_sequential"] = round(mix / seq, 2)
+    out["mixed_vs_uniform_throughput"] = round(mix / uni, 3)
+    return out
 
 
 def main() -> None:
@@ -182,24 +187,43 @@ def main() -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     log_dir = Path(tempfile.mkdtemp(prefix="serve_bench_"))  # server logs, the 0.5B tokenizer
     print(f"server logs in {log_dir}", flush=True)
-    results["models"]["visor-synthdoc-tiny"] = bench_model("visor-synthdoc-tiny", ["--max-batch", "32"], args, log_dir)
-    print(json.dumps(results["models"]["visor-synthdoc-tiny"], indent=1), flush=True)
+    tiny_flags = ["--max-batch", "32"]
+    servers = {"visor-synthdoc-tiny": start_server("visor-synthdoc-tiny", tiny_flags, args.threads,
+                                                   log_dir / "tiny.log")}
     if not args.skip_large:
         from visorlib import zoo
         from visorlib.train.synth import make_synthetic_dataset
 
-        large = argparse.Namespace(**{**vars(args), "requests": args.large_requests, "max_tokens": args.large_max_tokens,
-                                      "image_size": args.large_image_size})
         # No Hub access here: a word-level tokenizer with the card's special-token ids (what
         # `visorlib data synth --model visor-llava-ov-0.5b` writes); speed does not depend on it.
-        words = log_dir / "serve_bench_tokenizer"
+        words = log_dir / "tokenizer"
         make_synthetic_dataset(words, zoo.get_config("visor-llava-ov-0.5b"), samples=1)
-        results["models"]["visor-llava-ov-0.5b"] = {
-            "weights": "random (real-size architecture)", "tokenizer": "synthetic word-level (card's special ids)",
-            "requests": large.requests, "max_tokens": large.max_tokens, "image_size": large.image_size,
-            **bench_model("visor-llava-ov-0.5b", ["--random-weights", "--max-batch", "32", "--tokenizer", str(words)],
-                          large, log_dir)}
-        print(json.dumps(results["models"]["visor-llava-ov-0.5b"], indent=1), flush=True)
+        large_flags = ["--random-weights", "--max-batch", "32", "--tokenizer", str(words)]
+        # Both start at once: on a loaded machine most of a start is waiting for CPU time.
+        servers["visor-llava-ov-0.5b"] = start_server("visor-llava-ov-0.5b", large_flags, args.threads,
+                                                      log_dir / "large.log")
+    try:
+        for name, (proc, url) in servers.items():
+            wait_ready(proc, url, log_dir / ("tiny.log" if name == "visor-synthdoc-tiny" else "large.log"))
+        print(f"servers ready at {time.strftime('%H:%M:%S')}", flush=True)
+        proc, url = servers["visor-synthdoc-tiny"]
+        results["models"]["visor-synthdoc-tiny"] = {"server_flags": tiny_flags, **bench_model(
+            "visor-synthdoc-tiny", url, args)}
+        stop_server(proc)
+        print(json.dumps(results["models"]["visor-synthdoc-tiny"], indent=1), flush=True)
+        if not args.skip_large:
+            large = argparse.Namespace(**{**vars(args), "requests": args.large_requests,
+                                          "max_tokens": args.large_max_tokens, "image_size": args.large_image_size})
+            proc, url = servers["visor-llava-ov-0.5b"]
+            results["models"]["visor-llava-ov-0.5b"] = {
+                "weights": "random (real-size architecture)", "tokenizer": "synthetic word-level (card's special ids)",
+                "requests": large.requests, "max_tokens": large.max_tokens, "image_size": large.image_size,
+                "server_flags": large_flags, **bench_model("visor-llava-ov-0.5b", url, large)}
+            print(json.dumps(results["models"]["visor-llava-ov-0.5b"], indent=1), flush=True)
+    finally:
+        for proc, _ in servers.values():
+            if proc.poll() is None:
+                stop_server(proc)
     results["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     results["machine"]["load_average_at_end"] = os.getloadavg()
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
