@@ -71,7 +71,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import torch
 
     from .. import zoo
-    from ..cli import DTYPES
     from ..cli_args import UsageError, check_device
     from .app import ServerOptions, create_app
     from .media import MediaPolicy
@@ -86,7 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
               "address can use the model", file=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = DTYPES[args.dtype]
+    dtype = getattr(torch, args.dtype)  # one of --dtype's choices, each a torch dtype name
     if args.random_weights:
         torch.manual_seed(args.seed)
         model = zoo.build(args.model, device=args.device, dtype=dtype)
