@@ -151,6 +151,13 @@ if ("data", "synthdoc") in COMMANDS:
         ("synthdoc-share", ["data", "synthdoc", "{root}/out", "--same-share", "2"], ["--same-share", "2"]),
         ("synthdoc-eval-pages", ["data", "synthdoc", "{root}/out", "--eval-pages", "-1"], ["--eval-pages", "-1"]),
     ]
+if ("serve",) in COMMANDS:
+    CASES += [
+        ("serve-zero-batch", ["serve", "visor-synthdoc-tiny", "--max-batch", "0"], ["--max-batch", "must be positive"]),
+        ("serve-media-root-missing", ["serve", "visor-synthdoc-tiny", "--media-root", "{root}/absent"],
+         ["--media-root", "absent"]),
+        ("serve-remote-without-host", ["serve", "visor-synthdoc-tiny", "--allow-remote-media"], ["--remote-host"]),
+    ]
 if ("demo",) in COMMANDS:
     CASES += [
         ("demo-json-folder-missing", ["demo", "--json", "/nonexistent/d.json"], ["--json /nonexistent/d.json"]),

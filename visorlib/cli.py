@@ -1,4 +1,4 @@
-"""The ``visorlib`` command: list, info, generate, profile, train, data, eval, analyze, demo.
+"""The ``visorlib`` command: list, info, generate, profile, train, data, eval, analyze, demo, serve.
 
 ``visorlib profile llava-ov-0.5b`` is the offline main job: it builds the real-size architecture
 with random weights (no download), feeds it one image, and reports visual tokens, parameters,
@@ -439,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo import add_demo_parser
 
     add_demo_parser(sub)
+    from .serve.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 

@@ -46,6 +46,14 @@ def _nonfinite_logits(logits: torch.Tensor, step: int) -> FloatingPointError:
 class GenerationMixin:
     """Adds :meth:`generate` to a model with ``forward(..., cache=, logits_to_keep=)`` and ``new_cache()``."""
 
+    def suppressed_token_ids(self, vocab_size: int) -> list[int]:
+        """Ids the model may read but must never write (the router's routing token; the image/video
+        placeholders, which a decode step would reject for lack of pixels), within ``vocab_size``."""
+        tokens_cfg = self.cfg.tokens
+        suppressed = [self.cfg.visor.routing_token_id] if self.cfg.visor is not None and self.cfg.visor.router else []
+        suppressed += [tokens_cfg.image_token_id, tokens_cfg.video_token_id]
+        return [i for i in suppressed if i < vocab_size]
+
     @torch.inference_mode()
     def generate(
         self,
@@ -94,11 +102,7 @@ class GenerationMixin:
         logits = self(
             input_ids, attention_mask, cache=cache, logits_to_keep=1, sa_layers=sa_layers, **vision_inputs
         ).logits[:, -1]
-        # Ids the model may read but must never write (the router's routing token; the image/video
-        # placeholders, which a decode step would reject for lack of pixels).
-        suppressed = [self.cfg.visor.routing_token_id] if self.cfg.visor is not None and self.cfg.visor.router else []
-        suppressed += [tokens_cfg.image_token_id, tokens_cfg.video_token_id]
-        suppressed = [i for i in suppressed if i < logits.shape[-1]]
+        suppressed = self.suppressed_token_ids(logits.shape[-1])
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         generated = []
         for _ in range(max_new_tokens):

@@ -31,6 +31,7 @@ All failures are :class:`~visorlib.models.InputError` naming the file; training 
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import threading
@@ -121,7 +122,13 @@ def open_image(path: str | os.PathLike, *, root: str | os.PathLike | None = None
         return _decode(handle, full, max_pixels)
 
 
-def _decode(handle, full: Path, max_pixels: int | None) -> Image.Image:
+def decode_image_bytes(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Fully decode an in-memory image (a ``data:`` URL sent to ``visorlib serve``) under the rules
+    of :func:`open_image`; ``name`` says where it came from in messages."""
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(handle, full: Path | str, max_pixels: int | None) -> Image.Image:
     with warnings.catch_warnings():
         # PIL's warning threshold is not ours: max_pixels below decides (and is checked before decoding).
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
