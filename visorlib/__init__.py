@@ -19,14 +19,15 @@ import sys
 import types
 
 from . import compat
-from .config import FAMILY_LOADER
+from .config import FAMILY_LOADER as _FAMILY_LOADER
+from .lazy import lazy_exports
 
 __version__ = "0.1.0"
 
 # The registry is filled by importing the families (visorlib.models registers them). Nothing below
 # the package's top may import them (layers point one way), so the registry is handed the loader
 # from here, and calls it on its first look-up.
-FAMILY_LOADER.append(lambda: importlib.import_module(".models", __name__))
+_FAMILY_LOADER.append(lambda: importlib.import_module(".models", __name__))
 
 compat.install()  # old module paths (visorlib.blocks, visorlib.backbones, ...) keep importing
 
@@ -50,22 +51,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    else:
-        try:  # a submodule used as an attribute (visorlib.zoo) without its own import statement
-            value = importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as err:
-            if err.name != f"{__name__}.{name}":
-                raise
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, submodules=True)
 
 
 class _Package(types.ModuleType):

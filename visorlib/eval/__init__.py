@@ -10,7 +10,7 @@ The names below load on first use (PEP 562): ``visorlib --help`` registers ``vis
 
 from __future__ import annotations
 
-import importlib
+from ..lazy import lazy_exports
 
 # public name -> the submodule that defines it
 _EXPORTS = {
@@ -24,13 +24,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value  # later look-ups skip this function
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
