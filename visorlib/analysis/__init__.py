@@ -12,30 +12,26 @@ change, and what dropping vision costs — and a first VISOR layer plan read off
   ``visorlib analyze`` command.
 
 Read ``docs/analysis.md`` for what each measurement means and how to read the figures.
+
+The names below load on first use (PEP 562): ``visorlib --help`` registers ``visorlib analyze``
+(:mod:`.cli`) without loading torch.
 """
 
-from .attention import KEY_GROUPS, SOURCES, AttentionProbe, TokenGroups, answer_positions, measure_batch
-from .cka import cka_matrix, linear_cka
-from .layer_drop import correlation, drop_request, droppable_layers, easy_hard, random_subsets
-from .run import analyze, load_samples
-from .suggest import plan_yaml, suggest_plan
+from __future__ import annotations
 
-__all__ = [
-    "KEY_GROUPS",
-    "SOURCES",
-    "AttentionProbe",
-    "TokenGroups",
-    "analyze",
-    "answer_positions",
-    "cka_matrix",
-    "correlation",
-    "drop_request",
-    "droppable_layers",
-    "easy_hard",
-    "linear_cka",
-    "load_samples",
-    "measure_batch",
-    "plan_yaml",
-    "random_subsets",
-    "suggest_plan",
-]
+from ..lazy import lazy_exports
+
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "KEY_GROUPS": "attention", "SOURCES": "attention", "AttentionProbe": "attention", "TokenGroups":
+    "attention", "answer_positions": "attention", "measure_batch": "attention",
+    "cka_matrix": "cka", "linear_cka": "cka",
+    "correlation": "layer_drop", "drop_request": "layer_drop", "droppable_layers": "layer_drop",
+    "easy_hard": "layer_drop", "random_subsets": "layer_drop",
+    "analyze": "run", "load_samples": "run",
+    "plan_yaml": "suggest", "suggest_plan": "suggest",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
