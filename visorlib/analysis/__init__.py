@@ -23,8 +23,8 @@ from ..lazy import lazy_exports
 
 # public name -> the submodule that defines it
 _EXPORTS = {
-    "KEY_GROUPS": "attention", "SOURCES": "attention", "AttentionProbe": "attention", "TokenGroups":
-    "attention", "answer_positions": "attention", "measure_batch": "attention",
+    "KEY_GROUPS": "attention", "SOURCES": "attention", "AttentionProbe": "attention",
+    "TokenGroups": "attention", "answer_positions": "attention", "measure_batch": "attention",
     "cka_matrix": "cka", "linear_cka": "cka",
     "correlation": "layer_drop", "drop_request": "layer_drop", "droppable_layers": "layer_drop",
     "easy_hard": "layer_drop", "random_subsets": "layer_drop",
