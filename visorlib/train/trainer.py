@@ -15,16 +15,12 @@ the data order, the configuration and the learning rate are functions of the ste
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
 import os
 import random
 import shutil
-import signal
-import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -49,51 +45,12 @@ from ..hub import CheckpointError, atomic_write_json, write_checkpoint
 from ..models import family_of, set_train_mode
 from ..visor.visorize import visorize
 from .data import BatchPlan, ConversationDataset, SkipMonitor, StepBatches, StepSampler, identity
+from .distributed import Distributed, quiet_single_process
 from .recipe import Recipe, check_configuration, model_config, recipe_differences
 from .runlock import RunDirError, RunLock, check_writable
+from .stops import TrainingInterrupted, disk_full, reason, stop_on_sigint
 
 log = logging.getLogger("visorlib.train")
-
-
-@contextmanager
-def _quiet_single_process():
-    """DCP warns that it runs without a process group; that is the intended single-process mode."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
-class Distributed:
-    """Rank, world size and device, from the ``torchrun`` environment (a single process otherwise)."""
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-        if self.world > 1 and not dist.is_initialized():
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def sum(self, value: float) -> float:
-        return self.sum_many([value])[0]
-
-    def sum_many(self, values: list[float]) -> list[float]:
-        """Element-wise sum over ranks (one all-reduce for several numbers)."""
-        if self.world == 1:
-            return list(values)
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return tensor.tolist()
 
 
 def configuration_for_step(plan, mode: str, fixed: list[int] | None, seed: int, step: int) -> list[int] | None:
@@ -172,59 +129,6 @@ def _logged_step(line: str) -> float:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
         return math.inf
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped training after a completed step; the message says what was saved and how to resume."""
-
-
-def _causes(err: BaseException | None) -> list[BaseException]:
-    """``err``, what it was raised from, and each rank's exception inside a DCP ``CheckpointException``
-    (whose own text is every rank's traceback)."""
-    out: list[BaseException] = []
-    while err is not None and len(out) < 16:
-        out.append(err)
-        if isinstance(err, CheckpointException):
-            for failure in err.failures.values():
-                inner = failure[0] if isinstance(failure, tuple) else failure
-                if isinstance(inner, BaseException):
-                    out += _causes(inner)
-            break
-        err = err.__cause__ or err.__context__
-    return out
-
-
-def _disk_full(err: BaseException) -> bool:
-    """Whether ``err`` comes from ENOSPC (directly, chained, or on any rank of a DCP save)."""
-    return any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in _causes(err))
-
-
-def _reason(err: BaseException) -> str:
-    """The innermost message of ``err`` on one line (DCP's own is a traceback per rank)."""
-    cause = next((e for e in reversed(_causes(err)) if not isinstance(e, CheckpointException)), err)
-    return " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
-
-
-@contextmanager
-def _stop_on_sigint(enabled: bool):
-    """While training, Ctrl-C asks for a stop after the current step (which is then saved) instead
-    of killing the step midway; a second Ctrl-C interrupts at once. Yields the request flag (a list)."""
-    requested: list[bool] = []
-    if not enabled or threading.current_thread() is not threading.main_thread():
-        yield requested
-        return
-
-    def ask(signum, frame):
-        requested.append(True)
-        signal.signal(signal.SIGINT, previous)  # the next Ctrl-C raises KeyboardInterrupt as usual
-        print("\nvisorlib train: Ctrl-C: stopping after this step and saving a checkpoint "
-              "(Ctrl-C again to stop at once, losing the steps since the last save)", file=sys.stderr, flush=True)
-
-    previous = signal.signal(signal.SIGINT, ask)
-    try:
-        yield requested
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 class Trainer:
@@ -427,7 +331,7 @@ class Trainer:
         logs = []
         progress = None
         saved = self.step
-        with self._locked(), _stop_on_sigint(self.dist.main) as stop:
+        with self._locked(), stop_on_sigint(self.dist.main) as stop:
             # The metrics file holds each step once: lines beyond the step training starts from
             # (a killed run's, or an earlier run's in the same folder) are dropped, not duplicated.
             self._forget_metrics_after(self.step)
@@ -522,7 +426,7 @@ class Trainer:
             except (Exception, CheckpointException, KeyboardInterrupt) as err:
                 if self.dist.main:
                     shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint and `latest` are untouched
-                if _disk_full(err):
+                if disk_full(err):
                     raise RunDirError(f"no space left on device while saving step {self.step} into checkpoint.dir "
                                       f"{self.ckpt_dir} (the partial save was removed; the latest complete checkpoint "
                                       "is kept): free space there or lower checkpoint.keep, then --resume") from None
@@ -532,7 +436,7 @@ class Trainer:
 
     def _write_checkpoint(self, tmp: Path, final: Path) -> None:
         """The body of :meth:`save_checkpoint`: fill ``tmp``, then rename it to ``final``."""
-        with _quiet_single_process():
+        with quiet_single_process():
             dcp.save(self._state(), checkpoint_id=str(tmp))
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.dist.main:
@@ -596,14 +500,14 @@ class Trainer:
                               f"nothing to train (a resumed run cannot go back); set training.max_steps above {step}")
         state = self._state()
         try:
-            with _quiet_single_process():
+            with quiet_single_process():
                 dcp.load(state, checkpoint_id=str(path))
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         except (CheckpointException, RuntimeError, KeyError, ValueError) as err:
             # DCP's CheckpointException is a BaseException (the CLI's handler would miss it) and lists
             # every rank's traceback; the cause that matters is that the shapes or names differ.
             raise CheckpointError(f"{path} does not fit the model built from {self.recipe.source} (the architecture "
-                                  f"differs from the one it was trained with: {_reason(err)}); resume with the recipe it "
+                                  f"differs from the one it was trained with: {reason(err)}); resume with the recipe it "
                                   "was trained with, or start a new run in another checkpoint.dir") from None
         self.scheduler.load_state_dict(meta["scheduler"])
         self.step = step
