@@ -240,13 +240,13 @@ def _parse_messages(messages: Any, placeholders: tuple[str, ...]) -> tuple[list[
 
 def _parse_part(part: Any, where: str, role: str, images: list[ImageRef], placeholders: tuple[str, ...]) -> dict:
     _need(isinstance(part, dict), where, "an object", part)
-    kind = part.get("type")
-    if kind == "text":
+    part_type = part.get("type")
+    if part_type == "text":
         extra = sorted(set(part) - {"type", "text"})
         if extra:
             raise APIError(f"unknown field '{where}.{extra[0]}'", f"{where}.{extra[0]}")
         return {"type": "text", "text": _text(part.get("text"), f"{where}.text", placeholders)}
-    if kind == "image_url":
+    if part_type == "image_url":
         extra = sorted(set(part) - {"type", "image_url"})
         if extra:
             raise APIError(f"unknown field '{where}.{extra[0]}'", f"{where}.{extra[0]}")
@@ -262,7 +262,7 @@ def _parse_part(part: Any, where: str, role: str, images: list[ImageRef], placeh
         _need(isinstance(url, str) and url != "", f"{where}.image_url.url", "a non-empty string", url)
         images.append(ImageRef(url, f"{where}.image_url.url"))
         return {"type": "image"}
-    raise APIError(f"'{where}.type' must be 'text' or 'image_url', got {kind!r:.40}", f"{where}.type")
+    raise APIError(f"'{where}.type' must be 'text' or 'image_url', got {part_type!r:.40}", f"{where}.type")
 
 
 def _text(text: Any, where: str, placeholders: tuple[str, ...]) -> str:
