@@ -190,7 +190,29 @@ def test_demo_runs_offline():
     done = subprocess.run([sys.executable, "-m", "visorlib.cli", "demo", "--pages", "4", "--examples", "1"],
                           capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr
-    assert "held-out accuracy" in done.stdout and "router choices" in done.stdout
+    assert "held-out accuracy" in done.stdout and "router choices" in done.stdout and "at a glance" in done.stdout
+
+
+def test_at_a_glance_reads_the_table():
+    """The demo's closing lines come from the numbers: which kinds the cheapest configuration
+    answers and which it does not, what the router spends SA layers on, and what that costs."""
+    from visorlib.demo import at_a_glance
+
+    def row(label, sa_layers, easy, hard, pair, flops, choices=None):
+        out = {"label": label, "sa_layers": sa_layers, "gflops_per_sample": flops,
+               "accuracy": {"easy": easy, "hard": hard, "pair": pair, "all": (2 * easy + 4 * hard + pair) / 7}}
+        return out | ({"choices": choices} if choices else {})
+
+    rows = [row("CA-only []", [], 1.0, 0.6, 0.3, 0.012), row("SA 1", [1], 1.0, 1.0, 0.9, 0.022),
+            row("SA 1,3,5,6", [1, 3, 5, 6], 1.0, 1.0, 1.0, 0.049),
+            row("router", "router", 1.0, 1.0, 0.9, 0.020,
+                {"easy": {"CA-only []": 10}, "hard": {"SA 1": 19, "CA-only []": 1}, "pair": {"SA 1": 5}})]
+    text = at_a_glance(rows)
+    assert "CA-only [] answers easy 1.00 but not hard 0.60, pair 0.30" in text
+    assert "SA 1,3,5,6 answers those (hard 1.00, pair 1.00)" in text
+    assert "0 % of easy, 95 % of hard, 100 % of pair questions" in text
+    router_all = rows[3]["accuracy"]["all"] / rows[2]["accuracy"]["all"]
+    assert f"keeps {100 * router_all:.1f} % of SA 1,3,5,6's accuracy at 2.45x fewer LLM FLOPs" in text
 
 
 # -- the recipes ----------------------------------------------------------------------------------
