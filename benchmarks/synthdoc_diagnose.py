@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 from visorlib import zoo  # noqa: E402
 from visorlib.demo import HELD_OUT_SEED  # noqa: E402
 from visorlib.train.data import collate  # noqa: E402
-from visorlib.train.synthdoc import BACKGROUNDS, INKS, PATTERNS, QUADRANTS, encode_question, pages  # noqa: E402
+from visorlib.train.synthdoc import TASKS, encode_question, pages  # noqa: E402
+from visorlib.train.synthdoc_stamps import BACKGROUNDS, INKS, PATTERNS, QUADRANTS  # noqa: E402
 
 
 def _first_answer_distribution(model, samples: list[dict]) -> torch.Tensor:
@@ -54,7 +55,7 @@ def reads_the_question(model, processor, seed: int = HELD_OUT_SEED, count: int =
     ids = {kind: torch.tensor([vocab[w] for w in words]) for kind, words in
            (("background", BACKGROUNDS), ("ink", INKS), ("pattern", PATTERNS))}
     model.eval()
-    drawn = list(pages(seed, count, model.cfg.vision.image_size))
+    drawn = list(pages(seed, count, model.cfg.vision.image_size, TASKS["stamps"]))
     colour = {kind: [encode_question(processor, image, f"what colour is the {kind} ?", facts[kind])
                      for image, facts, _ in drawn] for kind in ("background", "ink")}
     dist = {kind: _first_answer_distribution(model, samples) for kind, samples in colour.items()}
@@ -94,7 +95,7 @@ def probe(features: torch.Tensor, target: torch.Tensor, train: int = 400) -> flo
 
 def tower_probe(model, processor, seed: int = 11, count: int = 600) -> dict:
     """Linear probes (2. in the module docstring) of ``model``'s projector features."""
-    drawn = list(pages(seed, count, model.cfg.vision.image_size))
+    drawn = list(pages(seed, count, model.cfg.vision.image_size, TASKS["stamps"]))
     pixels = torch.stack([processor.preprocess(None, [image], None)[0]["pixel_values"][0] for image, _, _ in drawn])
     with torch.inference_mode():
         tiles = model._tile_features(pixels.flatten(0, 1)).reshape(count, pixels.shape[1], -1, model.cfg.decoder.hidden_size)

@@ -35,6 +35,7 @@ version keeps the shipped task's vocabulary and drill key): a rerun's numbers di
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -54,12 +55,15 @@ from synthdoc_repro import exported, run_stage, score  # noqa: E402
 from visorlib import zoo  # noqa: E402
 from visorlib.demo import HELD_OUT_SEED  # noqa: E402
 from visorlib.train.synthdoc import (  # noqa: E402
+    TASKS,  # noqa: E402
+    make_synthdoc_dataset,
+    pages,
+)
+from visorlib.train.synthdoc_stamps import (  # noqa: E402
     BACKGROUNDS,
     CATEGORIES,
     INKS,
     QUADRANTS,
-    make_synthdoc_dataset,
-    pages,
     pattern_mask,
 )
 
@@ -102,6 +106,11 @@ def render_unmarked_page(rng: random.Random, tile: int) -> tuple[Image.Image, di
     return Image.fromarray(page), facts
 
 
+def unmarked_task():
+    """The stamps task's questions on unmarked pages."""
+    return dataclasses.replace(TASKS["stamps"], name="unmarked", render=render_unmarked_page)
+
+
 def located_reader_bound(seed: int, count: int, tile: int = 32) -> dict[str, float]:
     """Best expected accuracy of a reader that knows each stamp's pattern and column, not its row.
 
@@ -112,7 +121,7 @@ def located_reader_bound(seed: int, count: int, tile: int = 32) -> dict[str, flo
     """
     scores: dict[str, list[float]] = {c: [] for c in CATEGORIES}
     columns = (("top left", "bottom left"), ("top right", "bottom right"))
-    for _, facts, qa in pages(seed, count, tile, render=render_unmarked_page):
+    for _, facts, qa in pages(seed, count, tile, unmarked_task()):
         truth = facts["patterns"]
         worlds = []
         for swaps in ((False, False), (False, True), (True, False), (True, True)):
@@ -144,17 +153,17 @@ def main() -> None:
                     "ca_only_bound": located_reader_bound(HELD_OUT_SEED, args.pages), "stages": {}}
     if not args.skip_training:
         cfg = zoo.get_config("visor-synthdoc-tiny")
-        make_synthdoc_dataset(work / "data", cfg, 4000, seed=1, eval_pages=0, drill_rows=200, render=render_unmarked_page)
-        make_synthdoc_dataset(work / "router-data", cfg, 150, seed=2, render=render_unmarked_page)
+        make_synthdoc_dataset(work / "data", cfg, 4000, seed=1, eval_pages=0, drill_rows=200, task=unmarked_task())
+        make_synthdoc_dataset(work / "router-data", cfg, 150, seed=2, task=unmarked_task())
         for stage, recipe, parent, steps in CHAIN:
-            result["stages"][stage] = run_stage(work, stage, recipe, parent, args.scale, args.seed_offset, steps)
-    render = render_unmarked_page
+            result["stages"][stage] = run_stage(work, stage, recipe, parent, args.scale, args.seed_offset, steps, unmarked_task())
+    task = unmarked_task()
     result["evaluation"] = {
-        "dense": score(exported(work, "dense"), args.pages, render=render),
-        "stage1": score(exported(work, "stage1"), args.pages, render=render),
-        "universal": score(exported(work, "router"), args.pages, render=render),
-        "independent-ca": score(exported(work, "independent-ca"), args.pages, [], render),
-        "independent-full": score(exported(work, "independent-full"), args.pages, [1, 3, 5, 6], render),
+        "dense": score(exported(work, "dense"), args.pages, task=task),
+        "stage1": score(exported(work, "stage1"), args.pages, task=task),
+        "universal": score(exported(work, "router"), args.pages, task=task),
+        "independent-ca": score(exported(work, "independent-ca"), args.pages, [], task),
+        "independent-full": score(exported(work, "independent-full"), args.pages, [1, 3, 5, 6], task),
     }
     result["total_seconds"] = time.perf_counter() - started
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -148,7 +148,7 @@ if ("analyze",) in COMMANDS:
 if ("data", "synthdoc") in COMMANDS:
     CASES += [
         ("synthdoc-negative", ["data", "synthdoc", "{root}/out", "--pages", "-3"], ["--pages", "-3"]),
-        ("synthdoc-share", ["data", "synthdoc", "{root}/out", "--same-share", "2"], ["--same-share", "2"]),
+        ("synthdoc-task", ["data", "synthdoc", "{root}/out", "--task", "nope"], ["--task", "nope"]),
         ("synthdoc-eval-pages", ["data", "synthdoc", "{root}/out", "--eval-pages", "-1"], ["--eval-pages", "-1"]),
     ]
 if ("serve",) in COMMANDS:

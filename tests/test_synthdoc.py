@@ -17,17 +17,13 @@ from visorlib.demo import HELD_OUT_SEED
 from visorlib.train import Trainer, load_recipe
 from visorlib.train.router import run_router_stage
 from visorlib.train.synthdoc import (
-    CATEGORIES,
-    DRILL,
-    FRAME,
-    INKS,
-    QUADRANTS,
+    DEFAULT_TASK,
     held_out_questions,
     make_synthdoc_dataset,
     pages,
     score_samples,
-    stamp_box,
 )
+from visorlib.train.synthdoc_stamps import CATEGORIES, DRILL, FRAME, INKS, QUADRANTS, stamp_box
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("synthdoc-*.yaml"))
@@ -42,6 +38,10 @@ EXPECTED_CORRECT = {"easy": list(range(12)), "hard": list(range(24)), "pair": li
 # The summed log-probability of the answer tokens per kind (teacher-forced, full configuration):
 # equally correct but different weights, or a changed pixel step, move it.
 EXPECTED_LOG_PROB = {"easy": -0.03577, "hard": -0.00572, "pair": -0.00265}
+
+
+def test_the_shipped_models_task_is_the_default():
+    assert DEFAULT_TASK.name == "stamps" and DEFAULT_TASK.categories == CATEGORIES
 
 
 def test_generator_is_deterministic_per_seed():

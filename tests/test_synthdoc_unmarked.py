@@ -14,7 +14,8 @@ import pytest
 
 import visorlib
 from visorlib.demo import HELD_OUT_SEED
-from visorlib.train.synthdoc import INKS, QUADRANTS, pages
+from visorlib.train.synthdoc import pages
+from visorlib.train.synthdoc_stamps import INKS, QUADRANTS
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -22,16 +23,16 @@ sys.path.insert(0, str(BENCHMARKS))
 from synthdoc_unmarked import (  # noqa: E402
     UNMARKED_PATTERNS,
     located_reader_bound,
-    render_unmarked_page,
     stamp_box,
+    unmarked_task,
 )
 
 TILE = visorlib.get_config("visor-synthdoc-tiny").vision.image_size
 
 
 def test_unmarked_pages_are_deterministic_and_inked_only_in_the_middle_of_each_tile():
-    first = [(np.asarray(img), facts) for img, facts, _ in pages(5, 6, TILE, render=render_unmarked_page)]
-    again = [(np.asarray(img), facts) for img, facts, _ in pages(5, 6, TILE, render=render_unmarked_page)]
+    first = [(np.asarray(img), facts) for img, facts, _ in pages(5, 6, TILE, unmarked_task())]
+    again = [(np.asarray(img), facts) for img, facts, _ in pages(5, 6, TILE, unmarked_task())]
     assert all(np.array_equal(a, b) and fa == fb for (a, fa), (b, fb) in zip(first, again, strict=True))
     for page, facts in first:
         ink = np.all(page == INKS[facts["ink"]], axis=-1)
@@ -50,7 +51,7 @@ def test_nothing_tile_local_says_where_a_tile_is():
     cfg = visorlib.get_config("visor-synthdoc-tiny")
     processor = visorlib.models.family_of(cfg).processor(cfg, None)
     corners = [(0, 0), (0, 1), (1, 0), (1, 1)]
-    for image, facts, _ in pages(4, 8, TILE, render=render_unmarked_page):
+    for image, facts, _ in pages(4, 8, TILE, unmarked_task()):
         page = np.asarray(image)
         tiles = {q: page[r * TILE:(r + 1) * TILE, c * TILE:(c + 1) * TILE] for q, (r, c) in zip(QUADRANTS, corners, strict=True)}
         for q in QUADRANTS[1:]:

@@ -3,9 +3,9 @@
 It loads ``visor-synthdoc-tiny`` with its packaged weights and tokenizer (no network), draws a few
 synthdoc pages from a seed no training run used, and
 
-1. answers an easy, a hard and a two-place ("pair") question on each example page under the
-   cheapest configuration (cross-attention only), the full one and the router, printing the
-   answers next to the truth;
+1. answers one question of every kind on each example page (an easy, a hard and a two-place
+   question of the shipped model's task) under the cheapest configuration (cross-attention only),
+   the full one and the router, printing the answers next to the truth;
 2. scores a small held-out set of such pages under every configuration and the router, printing
    accuracy per question kind, the language model's analytic prefill FLOPs per sample (VISOR's
    cost measure) and the measured time, and the router's choices per kind.
@@ -52,26 +52,27 @@ def language_model_flops(model, sample: dict, configuration) -> float:
     return flops(model, n_visual=n_visual, n_text=n_text, sa_layers=configuration).language_model
 
 
-def evaluate(model, processor, seed: int = HELD_OUT_SEED, pages: int = 30, render=None) -> list[dict[str, Any]]:
+def evaluate(model, processor, seed: int = HELD_OUT_SEED, pages: int = 30, task=None) -> list[dict[str, Any]]:
     """Accuracy per question kind, LLM FLOPs per sample and time, for every configuration.
 
     Returns:
         One row per configuration: ``label``, ``sa_layers``, ``accuracy`` (per kind and
         ``"all"``), ``gflops_per_sample`` (mean language-model prefill), ``seconds``, and for the
-        router ``choices`` (configuration label counts per kind). ``render`` draws another page
-        layout (:func:`visorlib.train.synthdoc.pages`).
+        router ``choices`` (configuration label counts per kind). ``task``: the synthdoc task
+        (default: the shipped model's, :data:`visorlib.train.synthdoc.DEFAULT_TASK`).
     """
-    from .train.synthdoc import CATEGORIES, held_out_questions, score_samples
+    from .train.synthdoc import DEFAULT_TASK, held_out_questions, score_samples
 
-    questions = held_out_questions(processor, seed, pages, render)
-    flat = [s for c in CATEGORIES for s in questions[c]]
+    task = task or DEFAULT_TASK
+    questions = held_out_questions(processor, seed, pages, task)
+    flat = [s for c in task.categories for s in questions[c]]
     rows = []
     for label, sa_layers in configurations_to_show(model):
         started = time.perf_counter()
         hits, chosen = score_samples(model, flat, sa_layers)
         seconds = time.perf_counter() - started
         accuracy, choices, offset = {}, {}, 0
-        for category in CATEGORIES:
+        for category in task.categories:
             n = len(questions[category])
             accuracy[category] = sum(hits[offset:offset + n]) / n
             if sa_layers == "router":
@@ -137,7 +138,7 @@ def run_demo(model_name: str = "visor-synthdoc-tiny", examples: int = 2, pages: 
     import torch
 
     from . import zoo
-    from .train.synthdoc import all_questions
+    from .train.synthdoc import DEFAULT_TASK as task
     from .train.synthdoc import pages as make_pages
 
     if threads:
@@ -154,13 +155,11 @@ def run_demo(model_name: str = "visor-synthdoc-tiny", examples: int = 2, pages: 
     shown = configurations_to_show(model)
     if len(shown) > 1:  # the cheapest, the full configuration and the router
         shown = [shown[0], *[c for c in shown[1:] if c[1] == model.plan.default or c[1] == "router"]]
-    for number, (image, facts, _) in enumerate(make_pages(seed, examples, tile), 1):
-        stamps = ", ".join(f"{where}: {name}" for where, name in facts["patterns"].items())
-        print(f"\npage {number} ({2 * tile}x{2 * tile} px = 2x2 tiles, held-out seed {seed}): "
-              f"background {facts['background']}, ink {facts['ink']}; {stamps}")
+    for number, (image, facts, _) in enumerate(make_pages(seed, examples, tile, task), 1):
+        print(f"\npage {number} ({2 * tile}x{2 * tile} px = 2x2 tiles, held-out seed {seed}): {task.describe(facts)}")
         rng = random.Random(f"demo-{number}")
-        qa = {c: (q, a) for c, q, a in all_questions(facts, rng)}
-        for category in ("easy", "hard", "pair"):
+        qa = {c: (q, a) for c, q, a in task.questions(facts, rng)}  # the last question of each kind
+        for category in task.categories:
             question, truth = qa[category]
             print(f"  [{category}] {question}   (truth: {truth})")
             for label, sa_layers in shown:
@@ -168,14 +167,16 @@ def run_demo(model_name: str = "visor-synthdoc-tiny", examples: int = 2, pages: 
                 mark = "ok" if reply == truth else "WRONG"
                 via = f" -> chose {_label(chosen)}" if sa_layers == "router" else ""
                 print(f"      {label:14s}{via:22s} {reply!r:24s} {mark}")
-    print(f"\nheld-out accuracy: {pages} pages of seed {seed} (2 easy, 4 hard, 1 pair question each; "
-          "greedy exact match), language-model prefill FLOPs per sample, time on this machine")
-    rows = evaluate(model, processor, seed, pages)
-    print(f"  {'configuration':16s} {'easy':>6s} {'hard':>6s} {'pair':>6s} {'all':>6s} {'LLM MFLOPs':>11s} {'time':>7s}")
+    counts = Counter(c for c, _, _ in task.questions(task.drill, random.Random(0)))
+    per_page = ", ".join(f"{counts[c]} {c}" for c in task.categories) + " questions each; "
+    print(f"\nheld-out accuracy: {pages} pages of seed {seed} ({per_page}greedy exact match), "
+          "language-model prefill FLOPs per sample, time on this machine")
+    rows = evaluate(model, processor, seed, pages, task)
+    kinds = [*task.categories, "all"]
+    print(f"  {'configuration':16s} " + " ".join(f"{k:>6s}" for k in kinds) + f" {'LLM MFLOPs':>11s} {'time':>7s}")
     for row in rows:
-        acc = row["accuracy"]
-        print(f"  {row['label']:16s} {acc['easy']:6.2f} {acc['hard']:6.2f} {acc['pair']:6.2f} {acc['all']:6.2f} "
-              f"{row['gflops_per_sample'] * 1e3:11.2f} {row['seconds']:6.2f}s")
+        print(f"  {row['label']:16s} " + " ".join(f"{row['accuracy'][k]:6.2f}" for k in kinds)
+              + f" {row['gflops_per_sample'] * 1e3:11.2f} {row['seconds']:6.2f}s")
     router = next((r for r in rows if r["label"] == "router"), None)
     if router is not None:
         print("  router choices: " + "; ".join(f"{c}: {dict(sorted(v.items()))}" for c, v in router["choices"].items()))
@@ -194,7 +195,7 @@ def run_demo(model_name: str = "visor-synthdoc-tiny", examples: int = 2, pages: 
 
 def add_demo_parser(sub) -> argparse.ArgumentParser:
     """Register ``visorlib demo`` on the CLI's subparsers."""
-    p = sub.add_parser("demo", help="the shipped CPU-trained VISOR model answering easy and hard questions (offline)")
+    p = sub.add_parser("demo", help="the shipped CPU-trained VISOR model: the cheap configuration, the full one and the router (offline)")
     p.add_argument("--model", default="visor-synthdoc-tiny", help="a synthdoc zoo card with shipped weights")
     p.add_argument("--examples", type=int, default=2, help="example pages whose answers are printed")
     p.add_argument("--pages", type=int, default=30, help="held-out pages scored")
