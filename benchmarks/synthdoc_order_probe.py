@@ -161,6 +161,37 @@ def score(folder: Path, task: SynthdocTask, pages: int) -> dict:
     return out
 
 
+def ink_probe(folder: Path, pages: int = 60) -> float:
+    """Held-out accuracy of a ridge probe telling a stamp's ink from one projector output token.
+
+    Whether the tiles' visual tokens still carry the ink a question names (a trained tower may
+    drop what it has not yet needed): fit on 3/4 of the stamp tokens of ``pages`` pages, scored
+    on the rest; chance is 1/6.
+    """
+    import numpy as np
+
+    from visorlib.train.synthdoc import pages as draw
+
+    model = zoo.from_pretrained(folder).eval()
+    processor = zoo.processor_for(model)
+    side = model.cfg.vision.image_size // model.cfg.vision.patch_size
+    features, inks = [], []
+    for image, facts, _ in draw(99, pages, model.cfg.vision.image_size, TASKS["order"]):
+        pixels = processor.preprocess(["<image>"], [image], None)[0]["pixel_values"][0]
+        with torch.no_grad():
+            tokens = model.projector(model.vision_tower(pixels))
+        for quadrant, name in enumerate(facts["stamps"].values()):
+            grid = tokens[1 + quadrant].reshape(side, side, -1)
+            inner = grid[side // 4: side - side // 4, side // 4: side - side // 4].reshape(-1, grid.shape[-1])
+            features += [t.numpy() for t in inner]
+            inks += [NAMES.index(name)] * len(inner)
+    x = np.c_[np.asarray(features), np.ones(len(features))]
+    y = np.eye(len(NAMES))[inks]
+    cut = len(x) * 3 // 4
+    weights = np.linalg.solve(x[:cut].T @ x[:cut] + 1e-2 * np.eye(x.shape[1]), x[:cut].T @ y[:cut])
+    return float(((x[cut:] @ weights).argmax(1) == np.asarray(inks[cut:])).mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=sorted(VARIANTS), required=True)
@@ -185,6 +216,8 @@ def main() -> None:
              "held_out_seed": HELD_OUT_SEED, "held_out_pages": args.pages, "threads": 1,
              "loss_every_100_steps": [round(row["loss"], 3) for row in curve if row["step"] % 100 == 0],
              "checkpoints": {c.name: score(c / "model", task, args.pages) for c in checkpoints}}
+    if checkpoints and task.render is TASKS["order"].render:  # six inks: the probe's labels
+        entry["ink_probe_last_checkpoint"] = round(ink_probe(checkpoints[-1] / "model"), 3)
     path = Path(args.json)
     results = json.loads(path.read_text()) if path.exists() else {}
     results[args.name or args.variant] = entry

@@ -153,3 +153,25 @@ def test_the_cross_attention_only_visual_stream_is_row_blind():
         tiles_b = model.vision_tower(b["pixel_values"][0])
     grid = lambda t: t[1:].reshape(2, 2, *t.shape[1:])  # noqa: E731 - [row, col, tokens, dim]
     assert torch.equal(grid(tiles_a)[0], grid(tiles_b)[1]) and torch.equal(grid(tiles_a)[1], grid(tiles_b)[0])
+
+
+def test_the_probe_variants_are_well_formed():
+    """benchmarks/synthdoc_order_probe.py's variants: every word known, answers true to the page."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from synthdoc_order_probe import VARIANTS
+
+    for name, (task, overrides) in VARIANTS.items():
+        assert all(o.startswith("training.") for o in overrides), name
+        for _, facts, qa in pages(2, 5, TILE, task):
+            assert {c for c, _, _ in qa} == set(task.categories), name
+            for category, question, truth in qa:
+                assert set(question.split()) | {truth} <= set(task.words), (name, question)
+                if category == "missing":
+                    assert truth not in facts["stamps"].values() and truth in task.words
+                if category in ("order", "above", "find"):
+                    assert answer(facts, question) == truth
+                if category == "place":
+                    assert facts["stamps"][question.removeprefix("what colour is at the ").removesuffix(" ?")] == truth
