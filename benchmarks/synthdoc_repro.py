@@ -44,6 +44,11 @@ RECIPES = ROOT / "recipes"
 CHAIN = [("read", "synthdoc-read", None), ("dense", "synthdoc-dense", "read"), ("stage1", "synthdoc-stage1", "dense"),
          ("stage2", "synthdoc-stage2", "stage1"), ("independent-ca", "synthdoc-independent-ca", "stage1"),
          ("independent-full", "synthdoc-independent-full", "stage1"), ("router", "synthdoc-router", "stage2")]
+#: The order task's chain: two dense schedules with the tower frozen, then the same VISOR stages.
+CHAIN_ORDER = [("read", "synthdoc-read", None), ("dense", "synthdoc-order-dense", "read"),
+               ("dense2", "synthdoc-order-dense2", "dense"), ("stage1", "synthdoc-stage1", "dense2"),
+               *CHAIN[3:6], ("router", "synthdoc-order-router", "stage2")]
+CHAINS = {"stamps": CHAIN, "order": CHAIN_ORDER}
 FULL = [1, 3, 5, 6]
 
 
@@ -113,7 +118,7 @@ def ship(work: Path) -> None:
         (target / "recipes").mkdir()
         stages = ["read", "dense"] if stage == "dense" else ["read", "dense", "stage1", "stage2", "router"]
         for part in stages:
-            recipe = dict(CHAIN_BY_STAGE)[part]
+            recipe = dict(CHAIN_BY_STAGE)[part]  # the stamps chain: the shipped models' task
             shutil.copy(RECIPES / f"{recipe}.yaml", target / "recipes")
             for log in ("metrics.jsonl", "router-report.json"):
                 if (work / part / log).exists():
@@ -199,7 +204,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (quick check)")
     parser.add_argument("--pages", type=int, default=100, help="held-out pages scored per model")
     parser.add_argument("--skip-training", action="store_true", help="only score the models already in --work")
-    parser.add_argument("--start-at", choices=[stage for stage, _, _ in CHAIN], default="read",
+    parser.add_argument("--start-at", choices=[stage for stage, _, _ in CHAIN_ORDER], default="read",
                         help="reuse the data and the earlier stages already in --work")
     parser.add_argument("--seed-offset", type=int, default=0,
                         help="add this to every stage's training.seed (a second training seed of the same chain)")
@@ -230,11 +235,13 @@ def main() -> None:
         if args.start_at == "read" or not (work / "router-data").exists():
             make_synthdoc_dataset(work / "router-data", cfg, 150, seed=2, task=task)
         result["data_seconds"] = time.perf_counter() - t
-        stages = [stage for stage, _, _ in CHAIN]
-        for stage, recipe, parent in CHAIN[stages.index(args.start_at):]:
+        chain = CHAINS[task.name]
+        stages = [stage for stage, _, _ in chain]
+        for stage, recipe, parent in chain[stages.index(args.start_at):]:
             result["stages"][stage] = run_stage(work, stage, recipe, parent, args.scale, args.seed_offset, task=task)
         result["train_seconds"] = time.perf_counter() - started
-    evaluation = {"dense": score(exported(work, "dense"), args.pages, task=task),
+    dense = "dense2" if task.name == "order" else "dense"
+    evaluation = {"dense": score(exported(work, dense), args.pages, task=task),
                   "stage1": score(exported(work, "stage1"), args.pages, task=task),
                   "universal": score(exported(work, "router"), args.pages, task=task),
                   "independent-ca": score(exported(work, "independent-ca"), args.pages, [], task),
