@@ -51,31 +51,32 @@ from visorlib import zoo  # noqa: E402
 from visorlib.demo import HELD_OUT_SEED  # noqa: E402
 from visorlib.train import Trainer, load_recipe  # noqa: E402
 from visorlib.train.synthdoc import TASKS, SynthdocTask, held_out_questions, make_synthdoc_dataset  # noqa: E402
-from visorlib.train.synthdoc_order import BACKGROUNDS, NAMES, QUADRANTS, render_order_page  # noqa: E402
+from visorlib.train.synthdoc_order import (  # noqa: E402
+    BACKGROUNDS,
+    INKS,
+    NAMES,
+    QUADRANTS,
+    missing_ink,
+    render_order_page,
+)
 
 RECIPES = ROOT / "recipes"
-FIVE = NAMES[:5]
+SIX = tuple(INKS)
 
 
-def _five_ink_page(rng: random.Random, tile: int):
-    """An order-task page whose four stamps take four of five inks: exactly one is missing."""
-    from visorlib.train import synthdoc_order
-
-    saved, synthdoc_order.NAMES = synthdoc_order.NAMES, FIVE
-    try:
-        return render_order_page(rng, tile)
-    finally:
-        synthdoc_order.NAMES = saved
+def _six_ink_page(rng: random.Random, tile: int):
+    """The first version's page: four stamps in four of six inks."""
+    return render_order_page(rng, tile, SIX)
 
 
-def _missing(facts: dict) -> str:
-    return next(name for name in FIVE if name not in facts["stamps"].values())
-
-
-def _missing_questions(facts: dict, rng: random.Random) -> list[tuple[str, str, str]]:
+def _find_questions(facts: dict, rng: random.Random) -> list[tuple[str, str, str]]:
+    """The first version's nine questions: "is there a red ?" (one yes, one no), then as now."""
     stamps = facts["stamps"]
+    present = list(stamps.values())
+    absent = [name for name in SIX if name not in present]
     out = [("easy", "what colour is the background ?", facts["background"]),
-           ("missing", "which colour is missing ?", _missing(facts))]
+           ("find", f"is there a {rng.choice(present)} ?", "yes"),
+           ("find", f"is there a {rng.choice(absent)} ?", "no")]
     for top in ("top left", "top right"):
         for bottom in ("bottom left", "bottom right"):
             if rng.random() < 0.5:
@@ -92,25 +93,26 @@ def _missing_questions(facts: dict, rng: random.Random) -> list[tuple[str, str, 
 
 def _place_questions(facts: dict, rng: random.Random) -> list[tuple[str, str, str]]:
     out = [("easy", "what colour is the background ?", facts["background"]),
-           ("missing", "which colour is missing ?", _missing(facts)),
+           ("missing", "which colour is missing ?", missing_ink(facts)),
            *[("place", f"what colour is at the {where} ?", facts["stamps"][where]) for where in QUADRANTS]]
     rng.shuffle(out)
     return out
 
 
-_DRILL5 = {"background": "white", "stamps": dict(zip(QUADRANTS, FIVE[:4], strict=True))}
-_MISSING = dataclasses.replace(
-    TASKS["order"], name="order-missing", categories=("easy", "missing", "order", "above"),
-    words=(*"what which colour is the background missing ? a yes no above nothing".split(), *BACKGROUNDS, *FIVE),
-    render=_five_ink_page, questions=_missing_questions, drill=_DRILL5)
+ORDER = TASKS["order"]
+_FIND = dataclasses.replace(
+    ORDER, name="order-find", categories=("easy", "find", "order", "above"),
+    words=(*"what colour is the background ? there a yes no above nothing".split(), *BACKGROUNDS, *SIX),
+    render=_six_ink_page, questions=_find_questions,
+    drill={"background": "white", "stamps": dict(zip(QUADRANTS, ("black", "red", "blue", "green"), strict=True))})
 #: name -> (task, recipe overrides of the dense stage)
 VARIANTS: dict[str, tuple[SynthdocTask, list[str]]] = {
-    "order": (TASKS["order"], []),
-    "order-frozen": (TASKS["order"], ["training.freeze_vision_tower=true"]),
-    "missing": (_MISSING, ["training.freeze_vision_tower=true"]),
+    "find": (_FIND, []),
+    "find-frozen": (_FIND, ["training.freeze_vision_tower=true"]),
+    "order": (ORDER, ["training.freeze_vision_tower=true"]),
     "place": (dataclasses.replace(
-        _MISSING, name="order-place", categories=("easy", "missing", "place"), questions=_place_questions,
-        words=(*"what which colour is the background missing ? at top bottom left right".split(), *BACKGROUNDS, *FIVE)),
+        ORDER, name="order-place", categories=("easy", "missing", "place"), questions=_place_questions,
+        words=(*"what which colour is the background missing ? at top bottom left right".split(), *BACKGROUNDS, *NAMES)),
         ["training.freeze_vision_tower=true"]),
 }
 
@@ -166,7 +168,7 @@ def ink_probe(folder: Path, pages: int = 60) -> float:
 
     Whether the tiles' visual tokens still carry the ink a question names (a trained tower may
     drop what it has not yet needed): fit on 3/4 of the stamp tokens of ``pages`` pages, scored
-    on the rest; chance is 1/6.
+    on the rest (pages of six inks); chance is 1/6.
     """
     import numpy as np
 
@@ -176,7 +178,7 @@ def ink_probe(folder: Path, pages: int = 60) -> float:
     processor = zoo.processor_for(model)
     side = model.cfg.vision.image_size // model.cfg.vision.patch_size
     features, inks = [], []
-    for image, facts, _ in draw(99, pages, model.cfg.vision.image_size, TASKS["order"]):
+    for image, facts, _ in draw(99, pages, model.cfg.vision.image_size, _FIND):
         pixels = processor.preprocess(["<image>"], [image], None)[0]["pixel_values"][0]
         with torch.no_grad():
             tokens = model.projector(model.vision_tower(pixels))
@@ -184,9 +186,9 @@ def ink_probe(folder: Path, pages: int = 60) -> float:
             grid = tokens[1 + quadrant].reshape(side, side, -1)
             inner = grid[side // 4: side - side // 4, side // 4: side - side // 4].reshape(-1, grid.shape[-1])
             features += [t.numpy() for t in inner]
-            inks += [NAMES.index(name)] * len(inner)
+            inks += [SIX.index(name)] * len(inner)
     x = np.c_[np.asarray(features), np.ones(len(features))]
-    y = np.eye(len(NAMES))[inks]
+    y = np.eye(len(SIX))[inks]
     cut = len(x) * 3 // 4
     weights = np.linalg.solve(x[:cut].T @ x[:cut] + 1e-2 * np.eye(x.shape[1]), x[:cut].T @ y[:cut])
     return float(((x[cut:] @ weights).argmax(1) == np.asarray(inks[cut:])).mean())
@@ -216,7 +218,7 @@ def main() -> None:
              "held_out_seed": HELD_OUT_SEED, "held_out_pages": args.pages, "threads": 1,
              "loss_every_100_steps": [round(row["loss"], 3) for row in curve if row["step"] % 100 == 0],
              "checkpoints": {c.name: score(c / "model", task, args.pages) for c in checkpoints}}
-    if checkpoints and task.render is TASKS["order"].render:  # six inks: the probe's labels
+    if checkpoints:
         entry["ink_probe_last_checkpoint"] = round(ink_probe(checkpoints[-1] / "model"), 3)
     path = Path(args.json)
     results = json.loads(path.read_text()) if path.exists() else {}

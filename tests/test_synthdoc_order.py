@@ -48,7 +48,7 @@ def test_pages_are_deterministic_per_seed_and_differ_between_seeds():
 def test_every_stamp_is_the_checkerboard_of_its_ink_in_the_middle_of_its_tile():
     for image, facts, _ in pages(3, 10, TILE, TASK):
         page = np.asarray(image).astype(int)
-        assert len(set(facts["stamps"].values())) == 4
+        assert len(set(facts["stamps"].values())) == 4 and set(facts["stamps"].values()) <= set(NAMES)
         for quadrant, name in enumerate(facts["stamps"].values()):
             x0, y0, x1, y1 = stamp_box(quadrant, TILE)
             ink, mirror = stamp_colours(name)
@@ -94,7 +94,7 @@ def test_swapping_the_rows_changes_nothing_cross_attention_alone_can_see():
 def test_row_blind_bound_on_the_held_out_pages():
     drawn = list(pages(HELD_OUT_SEED, 50, TILE, TASK))
     bound = row_blind_bound([f for _, f, _ in drawn], [q for _, _, q in drawn])
-    assert bound == {"easy": 1.0, "find": 1.0, "order": 0.5, "above": 0.5}
+    assert bound == {"easy": 1.0, "missing": 1.0, "order": 0.5, "above": 0.5}
 
 
 def test_questions_are_balanced():
@@ -103,23 +103,23 @@ def test_questions_are_balanced():
         for category, _, truth in qa:
             counts[category].append(truth)
     assert len(counts["order"]) == 800 and abs(counts["order"].count("yes") / 800 - 0.5) < 0.06
-    assert counts["find"].count("yes") == counts["find"].count("no") == 200
+    assert len(counts["missing"]) == 200 and set(counts["missing"]) == set(NAMES)
     assert abs(counts["above"].count("nothing") / 400 - 0.5) < 0.08
 
 
 def test_dataset_files_and_tokenizer(tmp_path):
     make_synthdoc_dataset(tmp_path, CFG, 6, seed=3, eval_pages=2, drill_rows=3, task=TASK)
     meta = json.loads((tmp_path / "meta.json").read_text())
-    assert meta["task"] == "synthdoc-order" and meta["rows"] == {"mixed": 6, "drill": 3, "easy": 2, "find": 4,
+    assert meta["task"] == "synthdoc-order" and meta["rows"] == {"mixed": 6, "drill": 3, "easy": 2, "missing": 2,
                                                                   "order": 8, "above": 4}
     row = json.loads((tmp_path / "data.jsonl").read_text().splitlines()[0])
-    assert len(row["conversations"]) == 18 and row["conversations"][0]["value"].startswith("<image>\n")
+    assert len(row["conversations"]) == 16 and row["conversations"][0]["value"].startswith("<image>\n")
     drill = json.loads((tmp_path / "drill.jsonl").read_text().splitlines()[0])
     assert "image" not in drill and all("<image>" not in t["value"] for t in drill["conversations"])
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    ids = tok.encode("is the red above the blue ? nothing").ids
+    ids = tok.encode("is the red above the blue ? which colour is missing nothing").ids
     assert max(ids) < CFG.decoder.vocab_size and tok.token_to_id("[UNK]") not in ids
 
 
@@ -171,7 +171,7 @@ def test_the_probe_variants_are_well_formed():
                 assert set(question.split()) | {truth} <= set(task.words), (name, question)
                 if category == "missing":
                     assert truth not in facts["stamps"].values() and truth in task.words
-                if category in ("order", "above", "find"):
+                if category in ("order", "above", "find", "missing"):
                     assert answer(facts, question) == truth
                 if category == "place":
                     assert facts["stamps"][question.removeprefix("what colour is at the ").removesuffix(" ?")] == truth
