@@ -36,8 +36,8 @@ import torch
 import visorlib
 from visorlib.analysis import analyze, answer_positions, cka_matrix, load_samples, measure_batch
 from visorlib.analysis.run import teacher_forced
+from visorlib.data.conversations import collate
 from visorlib.train import make_synthetic_dataset
-from visorlib.train.data import collate
 
 
 def peak_rss_mib() -> float:

@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from visorlib import zoo  # noqa: E402
+from visorlib.data.conversations import collate  # noqa: E402
 from visorlib.demo import HELD_OUT_SEED  # noqa: E402
-from visorlib.train.data import collate  # noqa: E402
 from visorlib.train.synthdoc import BACKGROUNDS, INKS, PATTERNS, QUADRANTS, encode_question, pages  # noqa: E402
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from visor_helpers import CASES, build
 
 import visorlib
-from visorlib.train.data import collate
+from visorlib.data.conversations import collate
 from visorlib.train.router import train_router
 
 PACKAGE = Path(visorlib.__file__).resolve().parent
@@ -208,7 +208,7 @@ def test_no_family_branch_outside_a_family_folder():
 
 
 class Samples(list):
-    """The part of :class:`~visorlib.train.data.ConversationDataset` router training reads: a
+    """The part of :class:`~visorlib.data.conversations.ConversationDataset` router training reads: a
     ``name`` and encoded samples (``input_ids``, ``labels`` and the family's vision tensors)."""
 
     def __init__(self, name, samples):

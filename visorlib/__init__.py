@@ -40,7 +40,7 @@ _EXPORTS = {
     "ModelConfig": "config",
     "Qwen2VLProcessor": "models.qwen2_vl",
     "build": "zoo",
-    "flops": "flops",
+    "flops": "zoo",  # the name-resolving wrapper of visorlib.flops.flops
     "from_pretrained": "zoo",
     "get_config": "zoo",
     "list_models": "zoo",
@@ -55,16 +55,16 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, submodules=True)
 
 
 class _Package(types.ModuleType):
-    """``visorlib.flops`` is the function, also once the submodule of that name is imported.
+    """``visorlib.flops`` is the function (:func:`visorlib.zoo.flops`), also once the submodule of that name is imported.
 
-    Importing a submodule sets it as an attribute of its package; eagerly, ``from .flops import
-    flops`` re-bound the name right after. Lazily the submodule may be imported at any time, so
-    the binding is kept here.
+    Importing a submodule sets it as an attribute of its package. Lazily the submodule may be
+    imported at any time, so that binding is refused here and the name keeps resolving through
+    ``__getattr__`` to the name-resolving wrapper in the zoo.
     """
 
     def __setattr__(self, name: str, value) -> None:
         if name == "flops" and isinstance(value, types.ModuleType):
-            value = value.flops
+            return
         super().__setattr__(name, value)
 
 

@@ -14,13 +14,13 @@ against the same dense row.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from .flops import flops
+from .utils import best_time, human  # noqa: F401  (human: profile tables; both importable from here)
 from .visor.executor import PlanExecutor
 from .visor.plan import LayerPlan
 from .visor.pruning import Pruning
@@ -63,23 +63,6 @@ def paper_reduction_rows(
         rows.append((f"{plan.describe(config)} {list(config)} + visionzip", scaled({"method": "visionzip"}),
                      list(config)))
     return rows
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def best_time(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Best wall-clock seconds of ``fn`` over ``repeats`` runs."""
-    best = float("inf")
-    for _ in range(max(1, repeats)):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def spec_rows(plan: LayerPlan, spec: object) -> list[tuple[str, object, list[int] | None]]:
@@ -201,14 +184,6 @@ def _dense_cfg(cfg):
     import dataclasses
 
     return dataclasses.replace(cfg, visor=None)
-
-
-def human(n: float, unit: str = "") -> str:
-    """``1.23 G``-style rendering of a count."""
-    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {suffix}{unit}"
-    return f"{n:.0f} {unit}".rstrip()
 
 
 def format_table(profile: dict) -> str:

@@ -12,6 +12,12 @@
 3. :func:`train_router` fits the router with cross-entropy on those labels (only the router and its
    routing-token embedding learn; the layers below it are frozen), and reports accuracy on held-out
    samples and the FLOPs the routed configurations save against the full model.
+
+:func:`run_router_stage` is the recipe's router stage. The task accuracy it reports before and
+after (answers generated and scored the way ``visorlib eval`` scores them) is evaluation's work:
+the caller passes it in as ``task_accuracy``
+(:func:`visorlib.eval.held_out.held_out_task_accuracy`; the ``visorlib train`` command does), so
+nothing in ``train/`` imports ``eval/``.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import json
 import random
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..data.conversations import collate
 from ..flops import flops
 from ..models import set_train_mode
-from .data import collate
 
 
 def full_configuration(plan) -> list[int]:
@@ -44,7 +50,7 @@ def log_configurations(model, datasets, refs: Iterable[tuple[int, int]], pad_id:
 
     Args:
         model: A universal VISOR model.
-        datasets: :class:`~visorlib.train.data.ConversationDataset` list.
+        datasets: :class:`~visorlib.data.conversations.ConversationDataset` list.
         refs: ``(dataset, index)`` samples to evaluate.
         pad_id: Padding id for batching.
         path: Append the rows to this JSONL file too.
@@ -119,37 +125,6 @@ def split_labels(labels: dict[tuple[str, int], list[int]], eval_fraction: float,
     random.Random(seed).shuffle(items)
     held = min(len(items) - 1, max(1, int(len(items) * eval_fraction))) if eval_fraction > 0 and len(items) > 1 else 0
     return items[:held], items[held:] or items
-
-
-@torch.no_grad()
-def held_out_task_accuracy(model, processor, datasets, held_out, configs, batch_size: int = 8,
-                           max_skip_fraction: float = 0.1) -> dict[str, Any]:
-    """Task accuracy (generated answers, :mod:`visorlib.eval`) of ``configs`` on the held-out samples.
-
-    ``max_skip_fraction`` is the recipe's ``data.max_skip_fraction``: the same ceiling on broken
-    samples as training, not evaluation's own default.
-
-    Returns ``{dataset: {configuration: score in %}}`` plus, for the router, its choice counts
-    under ``"router_choices"``.
-    """
-    from ..eval.datasets import from_training_data
-    from ..eval.runner import evaluate
-
-    rows: dict[str, list[int]] = defaultdict(list)
-    for (name, i), _ in held_out:
-        rows[name].append(i)
-    data = [from_training_data(d, rows[d.name]) for d in datasets if rows.get(d.name)]
-    if not data:
-        return {}
-    report = evaluate(model, data, configs=configs, batch_size=batch_size, processor=processor, progress=False,
-                      max_skip_fraction=max_skip_fraction)
-    out: dict[str, Any] = {}
-    for row in report.rows:
-        if row.category == "all":
-            out.setdefault(row.dataset, {})[row.configuration] = row.score
-            if row.choices:
-                out.setdefault("router_choices", {})[row.dataset] = row.choices
-    return out
 
 
 def train_router(model, datasets, labels: dict[tuple[str, int], list[int]], pad_id: int, steps: int = 200,
@@ -233,8 +208,17 @@ def evaluate_router(model, datasets, index, items, pad_id) -> dict[str, Any]:
             "flops_saving_vs_full": full_flops / routed_flops}
 
 
-def run_router_stage(recipe, trainer) -> dict[str, Any]:
-    """The recipe's router stage: log every configuration, pick labels, train, export, report."""
+def run_router_stage(recipe, trainer, task_accuracy: Callable[..., dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The recipe's router stage: log every configuration, pick labels, train, export, report.
+
+    Args:
+        recipe: The loaded recipe (``training.stage: router``).
+        trainer: Its :class:`~visorlib.train.trainer.Trainer` (model, datasets, processor).
+        task_accuracy: ``(model, processor, datasets, held_out, configs, batch_size, max_skip_fraction)
+            -> {dataset: {configuration: score}}``, e.g.
+            :func:`visorlib.eval.held_out.held_out_task_accuracy`; None leaves the task-accuracy
+            entries out of the report.
+    """
     from .trainer import save_tokenizer
 
     if trainer.dist.world > 1:
@@ -258,14 +242,15 @@ def run_router_stage(recipe, trainer) -> dict[str, Any]:
     held_out, _ = split_labels(labels, spec.eval_fraction, recipe.training.seed)
     fixed = [list(c) for c in model.plan.configurations]
     skip = recipe.data.max_skip_fraction
-    before = held_out_task_accuracy(model, trainer.processor, datasets, held_out, fixed, recipe.data.micro_batch_size,
-                                    skip)
+    before = None if task_accuracy is None else task_accuracy(
+        model, trainer.processor, datasets, held_out, fixed, recipe.data.micro_batch_size, skip)
     report = train_router(model, datasets, labels, pad, spec.steps, recipe.optim.lr, recipe.data.micro_batch_size,
                           spec.eval_fraction, recipe.training.seed, progress=recipe.logging.progress,
                           train_token=spec.train_token)
-    report["task_accuracy_before_router_training"] = before
-    report["task_accuracy"] = held_out_task_accuracy(model, trainer.processor, datasets, held_out, [*fixed, "router"],
-                                                     recipe.data.micro_batch_size, skip)
+    if task_accuracy is not None:
+        report["task_accuracy_before_router_training"] = before
+        report["task_accuracy"] = task_accuracy(model, trainer.processor, datasets, held_out, [*fixed, "router"],
+                                                recipe.data.micro_batch_size, skip)
     model.save_pretrained(out_dir / "model")
     save_tokenizer(trainer.processor, out_dir / "model")
     (out_dir / "router-report.json").write_text(json.dumps(report, indent=2))

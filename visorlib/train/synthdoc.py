@@ -294,7 +294,7 @@ def score_samples(model, samples: list[dict], sa_layers, batch_size: int = 32) -
     """
     import torch
 
-    from .data import collate
+    from ..data.conversations import collate
 
     hits: list[bool] = []
     configs: list = []

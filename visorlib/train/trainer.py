@@ -41,13 +41,19 @@ from torch.distributed.checkpoint.state_dict import (
 
 from .. import zoo
 from ..config import ConfigError
+from ..data.conversations import (
+    BatchPlan,
+    ConversationDataset,
+    SkipMonitor,
+    StepBatches,
+    StepSampler,
+    identity,
+)
+from ..data.runlock import RunDirError, RunLock, check_writable
 from ..hub import CheckpointError, atomic_write_json, write_checkpoint
 from ..models import family_of, set_train_mode
-from ..visor.visorize import visorize
-from .data import BatchPlan, ConversationDataset, SkipMonitor, StepBatches, StepSampler, identity
 from .distributed import Distributed, quiet_single_process
 from .recipe import Recipe, check_configuration, model_config, recipe_differences
-from .runlock import RunDirError, RunLock, check_writable
 from .stops import TrainingInterrupted, disk_full, reason, stop_on_sigint
 
 log = logging.getLogger("visorlib.train")
@@ -94,7 +100,7 @@ def build_model(recipe: Recipe, device: torch.device):
             # A visorlib checkpoint carries its own architecture; a dense one becomes the card's VISOR model.
             model = zoo.from_pretrained(spec.pretrained, device=device)
             if model.cfg.visor is None and cfg.visor is not None:
-                model = visorize(model, cfg.visor, warn=False)  # this run is the fine-tuning it asks for
+                model = zoo.dense_to_visor(model, cfg.visor, spec.pretrained, warn=False)  # this run fine-tunes it
             return model
         return zoo.build(spec.name, pretrained=spec.pretrained, device=device, **spec.overrides)
     return zoo.instantiate(cfg, device)
