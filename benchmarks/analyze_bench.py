@@ -80,7 +80,7 @@ def main() -> None:
 
         batch = collate([teacher_forced(processor, samples[0])], processor.tokenizer.pad_token_id)
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        visual = int(model.visual_token_mask(batch["input_ids"]).sum())
+        visual = int(model.language_model.visual_token_mask(batch["input_ids"]).sum())
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         with torch.inference_mode():
             sync(device)

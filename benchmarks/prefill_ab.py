@@ -35,7 +35,7 @@ def main(repeats: int) -> dict[str, list[float]]:
     out = {}
     with torch.inference_mode():
         embeds, visual, segments = model.embed(ids, vision["pixel_values"], vision["image_sizes"])
-        positions, mask, routing = torch.arange(ids.shape[1])[None], torch.ones_like(ids), model.routing_mask(ids)
+        positions, mask, routing = torch.arange(ids.shape[1])[None], torch.ones_like(ids), model.language_model.routing_mask(ids)
         for label, layers in CONFIGS.items():
             times = []
             for _ in range(repeats):

@@ -64,7 +64,7 @@ def accuracy(trainer: Trainer, eval_data: Path, sa_layers) -> dict[str, float]:
     for start in range(0, len(dataset), 16):
         samples = [dataset[i] for i in range(start, min(start + 16, len(dataset)))]
         batch = collate(samples, trainer.processor.tokenizer.pad_token_id or 0)
-        labels = model.supervised_labels(batch["input_ids"], batch.pop("labels"))[:, 1:]
+        labels = model.language_model.supervised_labels(batch["input_ids"], batch.pop("labels"))[:, 1:]
         logits = model(**batch, sa_layers=sa_layers).logits[:, :-1]
         right = (logits.argmax(-1) == labels) | (labels == -100)
         for sample, ok in zip(samples, right.all(-1).tolist(), strict=True):

@@ -41,7 +41,7 @@ def _first_answer_distribution(model, samples: list[dict]) -> torch.Tensor:
     """``[N, vocab]`` softmax at the position that predicts each sample's first answer token."""
     batch = collate(samples, model.cfg.tokens.pad_token_id)
     batch.pop("batch_num_images", None)
-    labels = model.supervised_labels(batch["input_ids"], batch.pop("labels"))[:, 1:]
+    labels = model.language_model.supervised_labels(batch["input_ids"], batch.pop("labels"))[:, 1:]
     with torch.inference_mode():
         logits = model(**batch).logits[:, :-1]
     first = (labels != -100).float().argmax(-1)

@@ -140,7 +140,7 @@ def main():
         ids = batch_inputs["input_ids"]
         embeds, visual, segments = model.embed(ids, batch_inputs["pixel_values"], batch_inputs["image_sizes"])
     positions = torch.arange(ids.shape[1], device=device).expand_as(ids)
-    parts = (embeds, positions, batch_inputs["attention_mask"], visual, segments, model.routing_mask(ids))
+    parts = (embeds, positions, batch_inputs["attention_mask"], visual, segments, model.language_model.routing_mask(ids))
     every = list(range(args.mixed_batch))
     gather = best_time(lambda: language_model_forward(model, parts, every, mixed), args.repeats, device)
     group = best_time(lambda: grouped_forward(model, parts, mixed), args.repeats, device)

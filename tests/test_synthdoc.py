@@ -167,7 +167,7 @@ def test_shipped_model_log_probabilities_are_pinned(shipped):
     for category in CATEGORIES:
         batch = collate(questions[category], model.cfg.tokens.pad_token_id)
         batch.pop("batch_num_images", None)
-        labels = model.supervised_labels(batch["input_ids"], batch.pop("labels"))[:, 1:]
+        labels = model.language_model.supervised_labels(batch["input_ids"], batch.pop("labels"))[:, 1:]
         with torch.inference_mode():
             logp = model(**batch, sa_layers=model.plan.default).logits[:, :-1].float().log_softmax(-1)
         picked = logp.gather(-1, labels.clamp_min(0)[..., None])[..., 0][labels != -100]

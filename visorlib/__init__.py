@@ -18,7 +18,6 @@ import importlib
 import sys
 import types
 
-from . import compat
 from .config import FAMILY_LOADER as _FAMILY_LOADER
 from .lazy import lazy_exports
 
@@ -28,8 +27,6 @@ __version__ = "0.1.0"
 # the package's top may import them (layers point one way), so the registry is handed the loader
 # from here, and calls it on its first look-up.
 _FAMILY_LOADER.append(lambda: importlib.import_module(".models", __name__))
-
-compat.install()  # old module paths (visorlib.blocks, visorlib.backbones, ...) keep importing
 
 # public name -> the module that defines it
 _EXPORTS = {

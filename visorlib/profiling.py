@@ -21,9 +21,7 @@ import torch
 
 from .flops import flops
 from .utils import best_time, human  # noqa: F401  (human: profile tables; both importable from here)
-from .visor.executor import PlanExecutor
 from .visor.plan import LayerPlan
-from .visor.pruning import Pruning
 
 #: Each token-reduction method at the paper's settings for LLaVA-OneVision (appendix L; FastV at
 #: its own defaults): ``(label, spec)``.
@@ -143,10 +141,10 @@ def profile_configurations(
             row_embeds, row_visual, row_segments = model.embed(row_ids, **vision_inputs, **options)
             row_visual_n = int(row_visual.sum())
             extra.update(token_reduction=spec, visual_tokens=row_visual_n)
-        pruning = Pruning(model.reducers(spec)[1], plan.num_layers) if reduced else None
         executes = torch.zeros(1, plan.num_layers, dtype=torch.bool, device=device)
         executes[0, config if config is not None else list(range(plan.num_layers))] = True
-        executor = PlanExecutor(model.decoder, row_plan, model.cross_attention, model.cfg.attn_implementation, pruning)
+        # The model's own executor (its decoder, blocks and attention backend), under the row's plan.
+        executor = model.language_model.executor(model.reducers(spec)[1] if reduced else (), plan=row_plan)
         row_positions = torch.arange(row_ids.shape[1], device=device)[None]
         row_mask = torch.ones_like(row_ids)
 

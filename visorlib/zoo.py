@@ -97,7 +97,7 @@ def instantiate(
         return model
     model = model.to_empty(device=device or "cpu")
     init_weights(model)
-    model.init_visor_blocks()  # VISOR blocks start from the dense weights they sit beside
+    model.language_model.init_blocks()  # VISOR blocks start from the dense weights they sit beside
     return model
 
 

@@ -121,7 +121,7 @@ def generate_batch(model, processor, encoded: list[dict[str, Any]], sa_layers: A
     seconds = (time.perf_counter() - started) / len(encoded)
     length = batch["input_ids"].shape[1]
     eos = set(model.cfg.tokens.eos_token_ids)
-    visual = model.visual_token_mask(batch["input_ids"]) & batch["attention_mask"].bool()
+    visual = model.language_model.visual_token_mask(batch["input_ids"]) & batch["attention_mask"].bool()
     results = []
     for row in range(len(encoded)):
         new = out[row, length:].tolist()

@@ -65,9 +65,9 @@ def log_configurations(model, datasets, refs: Iterable[tuple[int, int]], pad_id:
     for d, i in tqdm(list(refs), desc="router labels", disable=not progress, dynamic_ncols=True):
         sample = datasets[d][i]
         batch = _to(collate([sample], pad_id), model)
-        labels = model.supervised_labels(batch["input_ids"], batch.pop("labels"))[0, 1:]
+        labels = model.language_model.supervised_labels(batch["input_ids"], batch.pop("labels"))[0, 1:]
         supervised = labels != -100
-        n_visual = int(model.visual_token_mask(batch["input_ids"]).sum())
+        n_visual = int(model.language_model.visual_token_mask(batch["input_ids"]).sum())
         for configuration in model.plan.configurations:
             logits = model(**batch, sa_layers=configuration).logits[0, :-1]
             hits = (logits.argmax(-1) == labels)[supervised]
@@ -140,11 +140,12 @@ def train_router(model, datasets, labels: dict[tuple[str, int], list[int]], pad_
         raise ValueError(f"{model.cfg.name} has no router to train")
     index = {name: i for i, name in enumerate(d.name for d in datasets)}
     evaluation, training = split_labels(labels, eval_fraction, seed)
-    for name, param in model.named_parameters():
+    router = {id(p) for p in model.language_model.parameters_for("router").values()}
+    for param in model.parameters():
         # The routing token's embedding is an input every later layer reads: training it changes
         # the universal model's answers under every configuration (measured on synthdoc: pair
         # questions fell from 1.00 to 0.61-0.67). By default only the router's MLP learns.
-        param.requires_grad_(name.startswith("router.") and (train_token or name != "router.token"))
+        param.requires_grad_(id(param) in router and (train_token or param is not model.router.token))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     losses = []
@@ -200,7 +201,7 @@ def evaluate_router(model, datasets, index, items, pad_id) -> dict[str, Any]:
         batch.pop("labels")
         chosen = _route(model, batch)["configs"][0]
         hits += chosen == label
-        n_visual = int(model.visual_token_mask(batch["input_ids"]).sum())
+        n_visual = int(model.language_model.visual_token_mask(batch["input_ids"]).sum())
         n_text = batch["input_ids"].shape[1] - n_visual
         routed_flops += flops(model, n_visual, n_text, sa_layers=chosen).language_model
         full_flops += flops(model, n_visual, n_text, sa_layers=full).language_model
