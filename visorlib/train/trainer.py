@@ -510,16 +510,17 @@ class Trainer:
                 self._forget_metrics_after(self.step)
             return self.step
         meta = json.loads((path / "trainer.json").read_text())
+        # Every checkpoint records its recipe as a mapping; one that does not (a pre-0.1 run recorded
+        # only the path) differs in every field, so resuming it needs --allow-recipe-change.
         saved = meta.get("recipe")
-        if isinstance(saved, dict):  # older checkpoints recorded only the recipe's path
-            now = json.loads(json.dumps(self.recipe.to_dict()))
-            changes = recipe_differences(saved, now)
-            if changes and not allow_recipe_change:
-                raise ConfigError(f"{self.recipe.source}: the recipe differs from the one {path} was trained with "
-                                  f"({'; '.join(changes)}); resume with the same recipe, or accept the change with "
-                                  "--allow-recipe-change (Trainer(..., allow_recipe_change=True))")
-            for change in changes:
-                log.warning("resuming with a changed recipe: %s", change)
+        now = json.loads(json.dumps(self.recipe.to_dict()))
+        changes = recipe_differences(saved if isinstance(saved, dict) else {}, now)
+        if changes and not allow_recipe_change:
+            raise ConfigError(f"{self.recipe.source}: the recipe differs from the one {path} was trained with "
+                              f"({'; '.join(changes)}); resume with the same recipe, or accept the change with "
+                              "--allow-recipe-change (Trainer(..., allow_recipe_change=True))")
+        for change in changes:
+            log.warning("resuming with a changed recipe: %s", change)
         step, total = int(meta["step"]), self.recipe.training.max_steps
         if step > total:
             raise ConfigError(f"{self.recipe.source}: training.max_steps={total} but {path} is at step {step}: "

@@ -248,7 +248,8 @@ class VisorLanguageModel(nn.Module):
             raise ValueError(f"{self.cfg.name} has no router")
         batch = input_ids.shape[0]
         mask = self.checked_mask(attention_mask, input_ids, 0)
-        request = self.request("router", batch)
+        # Parsed without the "untrained router" warning: training the router is what this serves.
+        request = LayerRequest.parse(self.plan, "router", batch, True, self.cfg.name)
         executor = self.executor()
         state = executor.start(embedded.embeds, embedded.rotary_positions(mask, 0), mask, embedded.visual_mask,
                                embedded.segments)
