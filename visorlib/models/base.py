@@ -123,6 +123,18 @@ class VisionLanguageModel(GenerationMixin, PretrainedMixin, nn.Module):
         if self.language_model.packer is not None:
             self.projector.linear_1 = widen_projector(self.projector.linear_1)
 
+    @property
+    def cfg(self) -> ModelConfig:
+        """The card (resolved). Setting it (``visorize``, a test shrinking a limit) sets the language model's too."""
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, value: ModelConfig) -> None:
+        self._cfg = value
+        language_model = self._modules.get("language_model")
+        if language_model is not None:
+            language_model.cfg = value
+
     # The language model's parts, read where the family and the callers always found them.
     decoder = property(lambda self: self.language_model.decoder, doc="The decoder (owned by ``language_model``).")
     plan = property(lambda self: self.language_model.plan, doc="The VISOR layer plan (dense for a dense card).")
