@@ -36,8 +36,8 @@ import torch
 import visorlib
 from visorlib.analysis import analyze, answer_positions, cka_matrix, load_samples, measure_batch
 from visorlib.analysis.run import teacher_forced
+from visorlib.data.conversations import collate
 from visorlib.train import make_synthetic_dataset
-from visorlib.train.data import collate
 
 
 def peak_rss_mib() -> float:
@@ -80,7 +80,7 @@ def main() -> None:
 
         batch = collate([teacher_forced(processor, samples[0])], processor.tokenizer.pad_token_id)
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        visual = int(model.visual_token_mask(batch["input_ids"]).sum())
+        visual = int(model.language_model.visual_token_mask(batch["input_ids"]).sum())
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         with torch.inference_mode():
             sync(device)

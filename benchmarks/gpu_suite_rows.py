@@ -171,7 +171,7 @@ class VisorlibRow:
         ids = inputs["input_ids"]
         embeds, visual, segments = self.model.embed(ids, inputs["pixel_values"], inputs["image_sizes"])
         positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-        return (embeds, positions, inputs["attention_mask"], visual, segments, self.model.routing_mask(ids))
+        return (embeds, positions, inputs["attention_mask"], visual, segments, ids)
 
     def language_model(self, parts: tuple) -> torch.Tensor:
         """Decoder (+ cross-attention) and the LM head at the last position."""

@@ -9,7 +9,8 @@ Run once per tree, alternating, each in its own process (``PYTHONPATH`` picks th
 Times the decoder pass of ``visor-llava-ov-0.5b`` (real size, random weights, one thread, the
 embedded 384x384 page: 1485 visual + 64 text tokens) for three configurations, on pre-embedded
 inputs (the vision tower runs once, untimed). Works with the layout before the family-folder
-restructure (``model.run_decoder``) and after it (``model.language_model.forward``).
+restructure (``model.run_decoder``), after it (``model.language_model.forward`` on embeddings) and
+after issue 20 (the language model an ``nn.Module`` called with the ids and an ``Embedded``).
 """
 
 from __future__ import annotations
@@ -35,16 +36,20 @@ def main(repeats: int) -> dict[str, list[float]]:
     out = {}
     with torch.inference_mode():
         embeds, visual, segments = model.embed(ids, vision["pixel_values"], vision["image_sizes"])
-        positions, mask, routing = torch.arange(ids.shape[1])[None], torch.ones_like(ids), model.routing_mask(ids)
+        positions, mask = torch.arange(ids.shape[1])[None], torch.ones_like(ids)
+        lm = getattr(model, "language_model", None)
         for label, layers in CONFIGS.items():
             times = []
             for _ in range(repeats):
                 started = time.perf_counter()
-                if hasattr(model, "language_model"):
-                    lm = model.language_model
-                    lm.forward(embeds, positions, mask, visual, segments, routing, lm.request(layers, 1))
+                if isinstance(lm, torch.nn.Module):  # after issue 20
+                    from visorlib.visor import Embedded
+
+                    lm(ids, Embedded(embeds, visual, segments), mask, positions, sa_layers=layers, logits_to_keep=1)
+                elif lm is not None:  # after the family-folder restructure
+                    lm.forward(embeds, positions, mask, visual, segments, lm.routing_mask(ids), lm.request(layers, 1))
                 else:  # the layout before the restructure
-                    model.run_decoder(embeds, positions, mask, visual, segments, routing, layers)
+                    model.run_decoder(embeds, positions, mask, visual, segments, model.routing_mask(ids), layers)
                 times.append(time.perf_counter() - started)
             out[label] = times
     return out

@@ -30,8 +30,8 @@ import torch
 import yaml
 
 import visorlib
+from visorlib.data.conversations import collate
 from visorlib.train import Trainer, load_recipe, make_synthetic_dataset
-from visorlib.train.data import collate
 
 EVAL_CONFIGS = {"CA only (8CA-0SA)": [], "8CA-2SA [1,4]": [1, 4], "8CA-4SA [1,4,7,16]": [1, 4, 7, 16],
                 "8CA-7SA [1,4,7,10,16,19,22]": [1, 4, 7, 10, 16, 19, 22], "8CA-8SA (all)": "all"}
@@ -55,8 +55,8 @@ def recipe(folder: Path, data: Path, model: dict, training: dict, steps: int, ba
 @torch.inference_mode()
 def accuracy(trainer: Trainer, eval_data: Path, sa_layers) -> dict[str, float]:
     """Exact-match accuracy per question category on the held-out pages."""
-    from visorlib.train.data import ConversationDataset
-    from visorlib.train.recipe import DatasetSpec
+    from visorlib.data.conversations import ConversationDataset
+    from visorlib.data.specs import DatasetSpec
 
     model = trainer.model.eval()
     dataset = ConversationDataset(DatasetSpec(path=str(eval_data), format="synthetic"), trainer.processor, 4096)
@@ -64,7 +64,7 @@ def accuracy(trainer: Trainer, eval_data: Path, sa_layers) -> dict[str, float]:
     for start in range(0, len(dataset), 16):
         samples = [dataset[i] for i in range(start, min(start + 16, len(dataset)))]
         batch = collate(samples, trainer.processor.tokenizer.pad_token_id or 0)
-        labels = model.supervised_labels(batch["input_ids"], batch.pop("labels"))[:, 1:]
+        labels = model.language_model.supervised_labels(batch["input_ids"], batch.pop("labels"))[:, 1:]
         logits = model(**batch, sa_layers=sa_layers).logits[:, :-1]
         right = (logits.argmax(-1) == labels) | (labels == -100)
         for sample, ok in zip(samples, right.all(-1).tolist(), strict=True):

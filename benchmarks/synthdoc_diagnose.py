@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from visorlib import zoo  # noqa: E402
+from visorlib.data.conversations import collate  # noqa: E402
 from visorlib.demo import HELD_OUT_SEED  # noqa: E402
-from visorlib.train.data import collate  # noqa: E402
 from visorlib.train.synthdoc import TASKS, encode_question, pages  # noqa: E402
 from visorlib.train.synthdoc_stamps import BACKGROUNDS, INKS, PATTERNS, QUADRANTS  # noqa: E402
 
@@ -42,7 +42,7 @@ def _first_answer_distribution(model, samples: list[dict]) -> torch.Tensor:
     """``[N, vocab]`` softmax at the position that predicts each sample's first answer token."""
     batch = collate(samples, model.cfg.tokens.pad_token_id)
     batch.pop("batch_num_images", None)
-    labels = model.supervised_labels(batch["input_ids"], batch.pop("labels"))[:, 1:]
+    labels = model.language_model.supervised_labels(batch["input_ids"], batch.pop("labels"))[:, 1:]
     with torch.inference_mode():
         logits = model(**batch).logits[:, :-1]
     first = (labels != -100).float().argmax(-1)

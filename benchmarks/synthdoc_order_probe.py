@@ -144,7 +144,7 @@ def train(work: Path, variant: str, steps: int, seed: int, start: Path | None = 
 
 def score(folder: Path, task: SynthdocTask, pages: int) -> dict:
     """Accuracy and first-answer-token NLL per kind of the dense model in ``folder``."""
-    from visorlib.train.data import collate
+    from visorlib.data.conversations import collate
 
     model = zoo.from_pretrained(folder).eval()
     questions = held_out_questions(zoo.processor_for(model), HELD_OUT_SEED, pages, task)
@@ -152,7 +152,7 @@ def score(folder: Path, task: SynthdocTask, pages: int) -> dict:
     for kind, samples in questions.items():
         batch = collate(samples, model.cfg.tokens.pad_token_id)
         batch.pop("batch_num_images", None)
-        labels = model.supervised_labels(batch["input_ids"], batch.pop("labels"))[:, 1:]
+        labels = model.language_model.supervised_labels(batch["input_ids"], batch.pop("labels"))[:, 1:]
         with torch.inference_mode():
             logits = model(**batch).logits[:, :-1].float()
         hits = ((logits.argmax(-1) == labels) | (labels == -100)).all(-1)

@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from visorlib import zoo  # noqa: E402
 from visorlib.demo import HELD_OUT_SEED, evaluate  # noqa: E402
+from visorlib.eval.held_out import held_out_task_accuracy  # noqa: E402
 from visorlib.train import Trainer, load_recipe  # noqa: E402
 from visorlib.train.router import run_router_stage  # noqa: E402
 from visorlib.train.synthdoc import DEFAULT_TASK, TASKS, SynthdocTask, make_synthdoc_dataset  # noqa: E402
@@ -89,7 +90,7 @@ def run_stage(work: Path, stage: str, recipe_name: str, parent: str | None, scal
     trainer = Trainer(recipe)
     out: dict = {"recipe": f"recipes/{recipe_name}.yaml", "overrides": sets}
     if stage == "router":
-        out["router_report"] = run_router_stage(recipe, trainer)
+        out["router_report"] = run_router_stage(recipe, trainer, held_out_task_accuracy)
     else:
         logs = trainer.train()
         out["steps"] = len(logs)

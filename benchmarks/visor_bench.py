@@ -28,6 +28,7 @@ import visorlib
 from visorlib.models.llava_onevision import LlavaOnevisionProcessor
 from visorlib.processing import anyres
 from visorlib.profiling import best_time
+from visorlib.visor import Embedded
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -78,11 +79,14 @@ def cache_bytes(model, inputs, sa_layers):
 
 @torch.inference_mode()
 def language_model_forward(model, parts, rows, configs):
-    """Decoder + last-position logits for ``rows`` of pre-embedded inputs (vision excluded)."""
-    embeds, positions, mask, visual, segments, routing = (t[rows] for t in parts)
-    lm = model.language_model
-    hidden, _ = lm.forward(embeds, positions, mask, visual, segments, routing, lm.request(configs, embeds.shape[0]))
-    return model.decoder.logits(hidden[:, -1:])
+    """Decoder + last-position logits for ``rows`` of pre-embedded inputs (vision excluded).
+
+    ``parts``: ``(embeds, positions, attention_mask, visual_mask, segments, input_ids)``.
+    """
+    embeds, positions, mask, visual, segments, ids = (t[rows] for t in parts)
+    out = model.language_model(ids, Embedded(embeds, visual, segments), mask, positions, logits_to_keep=1,
+                               sa_layers=configs)
+    return out.logits
 
 
 def grouped_forward(model, parts, configs):
@@ -140,7 +144,7 @@ def main():
         ids = batch_inputs["input_ids"]
         embeds, visual, segments = model.embed(ids, batch_inputs["pixel_values"], batch_inputs["image_sizes"])
     positions = torch.arange(ids.shape[1], device=device).expand_as(ids)
-    parts = (embeds, positions, batch_inputs["attention_mask"], visual, segments, model.routing_mask(ids))
+    parts = (embeds, positions, batch_inputs["attention_mask"], visual, segments, ids)
     every = list(range(args.mixed_batch))
     gather = best_time(lambda: language_model_forward(model, parts, every, mixed), args.repeats, device)
     group = best_time(lambda: grouped_forward(model, parts, mixed), args.repeats, device)

@@ -18,9 +18,8 @@ def tiny_checkpoint(folder, samples: int = 4):
     torch.manual_seed(0)
     model = visorlib.zoo.instantiate(cfg).eval()
     with torch.no_grad():  # a random, not zero-initialised, router so that routing varies by sample
-        for name, param in model.named_parameters():
-            if name.startswith("router."):
-                param.normal_(std=0.5)
+        for param in model.router.parameters():
+            param.normal_(std=0.5)
     ckpt = folder / "ckpt"
     model.save_pretrained(ckpt)
     shutil.copy(folder / "synth" / "tokenizer.json", ckpt / "tokenizer.json")

@@ -94,7 +94,7 @@ def test_shares_equal_transformers_eager_attention(oracle, family, batched):
     with torch.no_grad():
         attentions = hf(**inputs, **extra, output_attentions=True).attentions
     mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
-    groups = TokenGroups.build(ours.visual_token_mask(inputs["input_ids"]), mask, answer)
+    groups = TokenGroups.build(ours.language_model.visual_token_mask(inputs["input_ids"]), mask, answer)
     expected = eager_shares(attentions, groups)
     torch.testing.assert_close(probe.shares, expected, atol=ATOL, rtol=0)
     # The shares are a distribution over four disjoint groups that cover every real token.
@@ -116,7 +116,7 @@ def test_the_probe_leaves_the_forward_unchanged(oracle):
     assert torch.equal(plain, again) and ours.language_model.observer is None
     layers = ours.plan.num_layers
     assert len(probe.states) == layers + 1
-    visual = int(ours.visual_token_mask(inputs["input_ids"]).sum())
+    visual = int(ours.language_model.visual_token_mask(inputs["input_ids"]).sum())
     assert probe.states[0].shape[1] == visual
 
 
@@ -211,7 +211,7 @@ def test_cka_refuses_what_it_cannot_estimate():
 def text_only_forward(model, inputs):
     """The same prompt with its image removed, every text token at its original rotary position."""
     ids = inputs["input_ids"]
-    keep = ~model.visual_token_mask(ids)[0]
+    keep = ~model.language_model.visual_token_mask(ids)[0]
     positions = torch.arange(ids.shape[1])[None]
     with torch.no_grad():
         return model(input_ids=ids[:, keep], position_ids=positions[:, keep]).logits
@@ -221,7 +221,7 @@ def test_dropping_every_layer_equals_a_text_only_forward():
     torch.manual_seed(0)
     model = visorlib.zoo.instantiate(visorlib.get_config("llava-ov-0.5b").tiny()).eval()
     inputs = SPEC["llava_onevision"].cases["image-wide-unpad"](model.cfg, torch.Generator().manual_seed(0))
-    keep = ~model.visual_token_mask(inputs["input_ids"])[0]
+    keep = ~model.language_model.visual_token_mask(inputs["input_ids"])[0]
     every = list(range(model.plan.num_layers))
     with torch.no_grad():
         dropped = model(**inputs, sa_layers=drop_request(model, every, 1)).logits[:, keep]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from visor_helpers import CASES, build
 
 import visorlib
-from visorlib.train.data import collate
+from visorlib.data.conversations import collate
 from visorlib.train.router import train_router
 
 PACKAGE = Path(visorlib.__file__).resolve().parent
@@ -208,7 +208,7 @@ def test_no_family_branch_outside_a_family_folder():
 
 
 class Samples(list):
-    """The part of :class:`~visorlib.train.data.ConversationDataset` router training reads: a
+    """The part of :class:`~visorlib.data.conversations.ConversationDataset` router training reads: a
     ``name`` and encoded samples (``input_ids``, ``labels`` and the family's vision tensors)."""
 
     def __init__(self, name, samples):
@@ -264,7 +264,7 @@ def test_router_training_lowers_its_loss_and_changes_only_the_router(trained_rou
     assert report["train_loss_last"] < report["train_loss_first"], report
     assert report["eval_samples"] == 1 and report["flops_saving_vs_full"] >= 1.0
     assert loss_after < 0.9 * loss_before
-    params = dict(model.named_parameters())
+    params = model.state_dict()  # checkpoint names, as ``before`` holds them
     changed = {k for k in params if not torch.equal(before[k], params[k])}
     # The MLP only: the routing token's embedding is an input of every later layer and stays.
     assert changed == {k for k in params if k.startswith("router.") and k != "router.token"}, sorted(changed)
@@ -286,5 +286,5 @@ def test_router_training_leaves_every_fixed_configuration_unchanged(trained_rout
 def test_router_training_leaves_every_buffer_alone(trained_router, case):
     # FastViT's BatchNorm running statistics are buffers: a frozen tower must not update them.
     before, model, _, _, _ = trained_router(case)
-    buffers = dict(model.named_buffers())
+    buffers = {k.removeprefix("language_model."): v for k, v in model.named_buffers()}  # checkpoint names
     assert not [k for k in buffers if k in before and not torch.equal(before[k], buffers[k])]

@@ -232,7 +232,7 @@ def test_the_installed_command_prints_one_line(files):
 
 
 def test_jsonl_errors_name_the_line_in_the_file(tmp_path):
-    from visorlib.train.data import DataError, read_rows
+    from visorlib.data.conversations import DataError, read_rows
 
     path = tmp_path / "data.jsonl"
     path.write_text('{"id": 1}\n\n{"id": 2, "text": "a\u2028b"}\n{"id": 3,\n')

@@ -1,37 +1,52 @@
-"""Import paths from before the family-folder layout still import, warn, and give the same objects."""
+"""Old import paths: the pre-family-folder ones are gone (listed in CHANGELOG.md); issue 20's moves warn.
+
+The import hook that redirected the 0.1 module names was dropped in issue 20: each old name now
+fails to import, and the changelog says where its code went. Modules moved in issue 20 keep an
+explicit shim that warns with the version removing it, and gives the same objects.
+"""
 
 from __future__ import annotations
 
 import importlib
+import re
 import sys
+from pathlib import Path
 
 import pytest
 
-from visorlib.compat import MOVED
+CHANGELOG = (Path(__file__).resolve().parents[1] / "CHANGELOG.md").read_text()
+DROPPED = dict(re.findall(r"\| `(visorlib\.[\w.]+)` \| `(visorlib\.[\w.]+)` \|", CHANGELOG))
 
 
-@pytest.mark.parametrize("old", sorted(MOVED))
-def test_old_module_path_is_the_new_module(old):
+def test_the_changelog_lists_the_dropped_module_paths():
+    assert len(DROPPED) == 19 and "visorlib.blocks" in DROPPED and "visorlib.compat" not in sys.modules
+
+
+@pytest.mark.parametrize("old", sorted(DROPPED))
+def test_a_dropped_module_path_fails_and_its_new_home_imports(old):
     sys.modules.pop(old, None)
-    with pytest.warns(DeprecationWarning, match="moved to"):
-        module = importlib.import_module(old)
-    new = importlib.import_module(MOVED[old])
-    if hasattr(module, "__path__") and not hasattr(new, "__path__"):  # a package view of a plain module
-        assert all(getattr(module, k) is v for k, v in vars(new).items() if not k.startswith("__"))
-    else:
-        assert module is new
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module(old)
+    importlib.import_module(DROPPED[old])
 
 
-def test_old_names_users_imported_resolve_to_the_same_objects():
+@pytest.mark.parametrize("old, new, name", [("visorlib.train.data", "visorlib.data.conversations", "collate"),
+                                            ("visorlib.train.runlock", "visorlib.data.runlock", "RunLock")])
+def test_a_module_moved_in_issue_20_warns_and_gives_the_same_object(old, new, name):
+    module = importlib.import_module(old)
+    with pytest.warns(DeprecationWarning, match=rf"{new}\.{name}.*removed in visorlib 0\.3"):
+        value = getattr(module, name)
+    assert value is getattr(importlib.import_module(new), name)
+
+
+def test_names_kept_at_their_old_paths_are_the_same_objects():
     import visorlib
-    from visorlib.models.llava_onevision import LlavaOnevisionProcessor
-    from visorlib.visor import LayerPlan
+    from visorlib.data.specs import DatasetSpec
+    from visorlib.models.base import Embedded as OldEmbedded
+    from visorlib.profiling import human as old_human
+    from visorlib.train.recipe import DatasetSpec as OldDatasetSpec
+    from visorlib.utils import human
+    from visorlib.visor import Embedded
 
-    for name in ("visorlib.blocks", "visorlib.convert"):
-        sys.modules.pop(name, None)
-    with pytest.warns(DeprecationWarning):
-        from visorlib.blocks import LayerPlan as OldLayerPlan
-    with pytest.warns(DeprecationWarning):
-        from visorlib.convert import config_from_hf  # noqa: F401 - importable under the old name
-    assert OldLayerPlan is LayerPlan
-    assert visorlib.LlavaOnevisionProcessor is LlavaOnevisionProcessor
+    assert OldDatasetSpec is DatasetSpec and old_human is human and OldEmbedded is Embedded
+    assert visorlib.train.DataError is importlib.import_module("visorlib.data.conversations").DataError

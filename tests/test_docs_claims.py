@@ -25,7 +25,7 @@ import pytest
 import visorlib
 from visorlib.cli import default_profile_image, parameter_breakdown
 from visorlib.models import family_of
-from visorlib.profiling import human
+from visorlib.utils import human
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)

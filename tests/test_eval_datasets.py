@@ -99,9 +99,9 @@ def test_local_rows_answers_category_and_metric(tmp_path):
 
 
 def test_rows_of_a_training_dataset_become_samples(tmp_path):
+    from visorlib.data.conversations import ConversationDataset
+    from visorlib.data.specs import DatasetSpec
     from visorlib.eval import from_training_data
-    from visorlib.train.data import ConversationDataset
-    from visorlib.train.recipe import DatasetSpec
 
     Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
     rows = [{"image": "a.png", "conversations": [{"from": "human", "value": f"<image>\nq{i}"},

@@ -67,7 +67,7 @@ def test_flops_per_sample_are_visorlib_flops_of_its_token_counts(tiny, tmp_path)
     samples = {s.key: s for s in load_local(str(tiny[1])).samples}
     for (key, label), r in records.items():
         ids = runner.encode_prompt(processor, samples[key].question, samples[key].images())["input_ids"]
-        n_visual = int(model.visual_token_mask(ids[None]).sum())
+        n_visual = int(model.language_model.visual_token_mask(ids[None]).sum())
         assert (r["n_visual"], r["n_text"]) == (n_visual, ids.shape[0] - n_visual)
         config = r["sa_layers"]
         assert config in model.plan.configurations

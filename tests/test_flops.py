@@ -7,8 +7,8 @@ import torch
 from flop_oracle import flop_counter
 
 import visorlib
-from visorlib.flops import flops
 from visorlib.processing import anyres
+from visorlib.zoo import flops  # resolves zoo names (visorlib.flops.flops takes a config)
 
 
 @pytest.mark.parametrize("size", [(30, 30), (60, 90), (300, 310)])

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import visorlib
+from visorlib.eval.held_out import held_out_task_accuracy
 from visorlib.train import Trainer, load_recipe, make_synthetic_dataset
 from visorlib.train.router import run_router_stage
 
@@ -40,7 +41,7 @@ def test_recipe_runs_two_steps_shrunk(path, tmp_path):
     recipe = load_recipe(path, shrink)
     trainer = Trainer(recipe)
     if recipe.training.stage == "router":
-        report = run_router_stage(recipe, trainer)
+        report = run_router_stage(recipe, trainer, held_out_task_accuracy)
         assert "router_accuracy" in report
         # Task accuracy of every fixed configuration (before and after) and of the router, held out.
         plan = trainer.model.plan

@@ -83,7 +83,7 @@ def test_eval_columns_under_each_spec_generate_and_count_under_it(tiny, tmp_path
         spec = None if label == "1,4" else SPECS[0] if "pooling" in label else SPECS[1]
         assert r["token_reduction"] == spec
         encoded = runner.encode_prompt(processor, samples[key].question, samples[key].images(), spec)
-        n_visual = int(model.visual_token_mask(encoded["input_ids"][None]).sum())
+        n_visual = int(model.language_model.visual_token_mask(encoded["input_ids"][None]).sum())
         assert r["n_visual"] == n_visual
         (alone,) = runner.generate_batch(model, processor, [encoded], [[1, 4]], 3, token_reduction=spec)
         assert r["prediction"] == alone.text

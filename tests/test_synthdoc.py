@@ -14,6 +14,7 @@ import pytest
 import visorlib
 from visorlib import zoo
 from visorlib.demo import HELD_OUT_SEED
+from visorlib.eval.held_out import held_out_task_accuracy
 from visorlib.train import Trainer, load_recipe
 from visorlib.train.router import run_router_stage
 from visorlib.train.synthdoc import (
@@ -159,14 +160,14 @@ def test_shipped_model_answers_held_out_questions_under_the_full_configuration(s
 def test_shipped_model_log_probabilities_are_pinned(shipped):
     import torch
 
-    from visorlib.train.data import collate
+    from visorlib.data.conversations import collate
 
     model, processor = shipped
     questions = held_out_questions(processor, HELD_OUT_SEED, EXPECTED_PAGES)
     for category in CATEGORIES:
         batch = collate(questions[category], model.cfg.tokens.pad_token_id)
         batch.pop("batch_num_images", None)
-        labels = model.supervised_labels(batch["input_ids"], batch.pop("labels"))[:, 1:]
+        labels = model.language_model.supervised_labels(batch["input_ids"], batch.pop("labels"))[:, 1:]
         with torch.inference_mode():
             logp = model(**batch, sa_layers=model.plan.default).logits[:, :-1].float().log_softmax(-1)
         picked = logp.gather(-1, labels.clamp_min(0)[..., None])[..., 0][labels != -100]
@@ -254,7 +255,7 @@ def test_synthdoc_recipe_runs_two_shrunk_steps(path, tmp_path):
     trainer = Trainer(recipe)
     assert (trainer.model.cfg.visor is None) == (recipe.model.name == "synthdoc-tiny")
     if recipe.training.stage == "router":
-        report = run_router_stage(recipe, trainer)
+        report = run_router_stage(recipe, trainer, held_out_task_accuracy)
         assert "router_accuracy" in report and (tmp_path / "ckpt" / "model" / "tokenizer.json").exists()
     else:
         logs = trainer.train()

@@ -57,7 +57,7 @@ def test_stage_one_trains_only_the_visor_blocks(tmp_path, synth):
     before = params(trainer)
     trainer.train()
     changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed and all(n.startswith("cross_attention.") for n in changed)
+    assert changed and all(n.startswith("language_model.cross_attention.") for n in changed)
     assert any(".q_proj." in n for n in changed)
 
 
@@ -85,6 +85,28 @@ def test_resume_is_bit_exact(tmp_path, synth):
     assert all(torch.equal(a[n], b[n]) for n in a)
     exported = visorlib.from_pretrained(tmp_path / "b" / "ckpt" / "step_00000004" / "model")
     assert torch.equal(exported.cross_attention["0"].q_proj.weight, resumed.model.cross_attention["0"].q_proj.weight)
+
+
+def test_resume_reads_a_run_saved_with_the_flat_parameter_names(tmp_path, synth):
+    """A run saved before the language model owned its parts keyed its optimizer by ``decoder.*``."""
+    import torch.distributed.checkpoint as dcp
+
+    from visorlib.train.trainer import _flat_name, _optimizer_names
+
+    recipe = write_recipe(tmp_path, synth, training={"max_steps": 2})
+    first = Trainer(load_recipe(recipe))
+    first.train()
+    state = first._state()
+    old = {"model": state["model"], "optim": _optimizer_names(state["optim"], _flat_name)}
+    assert any(k.startswith("decoder.") for k in old["optim"]["state"])
+    folder = tmp_path / "ckpt" / "step_00000002"
+    (folder / ".metadata").unlink()
+    dcp.save(old, checkpoint_id=str(folder))
+    resumed = Trainer(load_recipe(write_recipe(tmp_path, synth, training={"max_steps": 3})), resume=True,
+                      allow_recipe_change=True)
+    assert resumed.step == 2
+    mine, theirs = resumed.optimizer.state_dict()["state"], first.optimizer.state_dict()["state"]
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k]["exp_avg"], theirs[k]["exp_avg"]) for k in mine)
 
 
 def test_killed_save_leaves_the_previous_checkpoint(tmp_path, synth, monkeypatch):

@@ -178,7 +178,7 @@ def test_a_second_training_into_the_same_folder_is_refused(tmp_path, synth):  # 
 def test_a_stale_lock_of_a_killed_run_is_taken_over(tmp_path, synth, caplog):  # noqa: F811
     path = write_recipe(tmp_path, synth)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from visorlib.train.runlock import RunLock; "
+        [sys.executable, "-c", "import sys, time; from visorlib.data.runlock import RunLock; "
          "lock = RunLock(sys.argv[1], 'test holder'); lock.acquire(); print('locked', flush=True); time.sleep(120)",
          str(tmp_path / "ckpt")], stdout=subprocess.PIPE, text=True)
     try:

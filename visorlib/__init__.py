@@ -18,7 +18,6 @@ import importlib
 import sys
 import types
 
-from . import compat
 from .config import FAMILY_LOADER as _FAMILY_LOADER
 from .lazy import lazy_exports
 
@@ -29,8 +28,6 @@ __version__ = "0.1.0"
 # from here, and calls it on its first look-up.
 _FAMILY_LOADER.append(lambda: importlib.import_module(".models", __name__))
 
-compat.install()  # old module paths (visorlib.blocks, visorlib.backbones, ...) keep importing
-
 # public name -> the module that defines it
 _EXPORTS = {
     "CheckpointError": "hub",
@@ -40,7 +37,7 @@ _EXPORTS = {
     "ModelConfig": "config",
     "Qwen2VLProcessor": "models.qwen2_vl",
     "build": "zoo",
-    "flops": "flops",
+    "flops": "zoo",  # the name-resolving wrapper of visorlib.flops.flops
     "from_pretrained": "zoo",
     "get_config": "zoo",
     "list_models": "zoo",
@@ -55,16 +52,16 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, submodules=True)
 
 
 class _Package(types.ModuleType):
-    """``visorlib.flops`` is the function, also once the submodule of that name is imported.
+    """``visorlib.flops`` is the function (:func:`visorlib.zoo.flops`), also once the submodule of that name is imported.
 
-    Importing a submodule sets it as an attribute of its package; eagerly, ``from .flops import
-    flops`` re-bound the name right after. Lazily the submodule may be imported at any time, so
-    the binding is kept here.
+    Importing a submodule sets it as an attribute of its package. Lazily the submodule may be
+    imported at any time, so that binding is refused here and the name keeps resolving through
+    ``__getattr__`` to the name-resolving wrapper in the zoo.
     """
 
     def __setattr__(self, name: str, value) -> None:
         if name == "flops" and isinstance(value, types.ModuleType):
-            value = value.flops
+            return
         super().__setattr__(name, value)
 
 

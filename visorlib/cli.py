@@ -91,8 +91,8 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     from . import zoo
-    from .profiling import human
     from .registry import family_of
+    from .utils import human
 
     cfg = zoo.get_config(args.name)
     model = zoo.build(args.name, device="meta")
@@ -233,7 +233,7 @@ def _check_reductions_fit(specs, prompt_for, cfg, n_visual: int) -> None:
 
 
 def _print_profile(r: dict, table: str) -> None:
-    from .profiling import human
+    from .utils import human
 
     print(f"\n{r['model']} -- {r['weights']}")
     print(f"input: {r['image']} {r['image_size_hw'][0]}x{r['image_size_hw'][1]} -> {r['tiles']} tiles/patches, "
@@ -338,9 +338,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     trainer = Trainer(recipe, resume=args.resume, allow_recipe_change=args.allow_recipe_change, status=say)
     try:
         if recipe.training.stage == "router":
+            from .eval.held_out import held_out_task_accuracy
             from .train.router import run_router_stage
 
-            print(json.dumps(run_router_stage(recipe, trainer), indent=2))
+            print(json.dumps(run_router_stage(recipe, trainer, held_out_task_accuracy), indent=2))
             return
         if trainer.step:
             print(f"resumed at step {trainer.step}", file=sys.stderr)

@@ -267,6 +267,21 @@ class VisorConfig:
     routing_token_id: int = 151648
     packing_ratio: float = 1.0
 
+    def __post_init__(self) -> None:
+        # What the section alone decides is checked here, when the card is read; whether the
+        # layers exist in a decoder of some depth is the plan's check (visorlib.visor.plan.LayerPlan).
+        for name in ("ca_layers", "sa_layers"):
+            layers = getattr(self, name)
+            if len(set(layers)) != len(layers):
+                raise ConfigError(f"visor.{name}: repeated layers in {layers}")
+        both = sorted(set(self.ca_layers) & set(self.sa_layers))
+        if both:
+            raise ConfigError(f"visor: layers {both} are both cross-attention and self-attention candidates")
+        if self.cross_attention_init not in ("copy", "zero_gate"):
+            raise ConfigError(f"visor.cross_attention_init must be 'copy' or 'zero_gate', got {self.cross_attention_init!r}")
+        if self.packing_ratio < 1:
+            raise ConfigError(f"visor.packing_ratio must be >= 1 (a reduction), got {self.packing_ratio}")
+
 
 @dataclass
 class ModelConfig:

@@ -47,7 +47,7 @@ def language_model_flops(model, sample: dict, configuration) -> float:
     """Analytic prefill FLOPs of the language model for one encoded sample under ``configuration``."""
     from .flops import flops
 
-    n_visual = int(model.visual_token_mask(sample["input_ids"][None]).sum())
+    n_visual = int(model.language_model.visual_token_mask(sample["input_ids"][None]).sum())
     n_text = sample["input_ids"].shape[0] - n_visual
     return flops(model, n_visual=n_visual, n_text=n_text, sa_layers=configuration).language_model
 

@@ -41,7 +41,6 @@ from .visor.reduction import (
     tokens_per_layer,
     tower_layers,
 )
-from .zoo import get_config
 
 
 @dataclass
@@ -266,7 +265,7 @@ def decode_step_flops(
 
 
 def flops(
-    model_or_name,
+    model_or_cfg,
     n_visual: int,
     n_text: int,
     tiles: int | Sequence[int] = 0,
@@ -277,7 +276,9 @@ def flops(
     """Analytic prefill FLOPs, decode-step FLOPs and KV-cache bytes of a model.
 
     Args:
-        model_or_name: A built model (anything with ``.cfg``), a zoo card name, or a config.
+        model_or_cfg: A built model (anything with ``.cfg``) or a :class:`~visorlib.config.ModelConfig`.
+            A zoo card *name* is resolved one layer up, by the public :func:`visorlib.flops`
+            (:func:`visorlib.zoo.flops`): the cost model sits below the zoo.
         n_visual: Visual tokens in the language model's sequence.
         n_text: Text tokens in the sequence.
         tiles: Tiles through the vision tower (0: language model only, as the VISOR paper counts);
@@ -290,13 +291,14 @@ def flops(
 
     Example::
 
-        flops("llava-ov-0.5b", n_visual=7371, n_text=64, tiles=10, token_reduction={"method": "visionzip"})
+        flops(model.cfg, n_visual=7371, n_text=64, tiles=10, token_reduction={"method": "visionzip"})
     """
-    if isinstance(model_or_name, ModelConfig):
-        cfg = model_or_name
-    elif isinstance(model_or_name, str):
-        cfg = get_config(model_or_name)
+    if isinstance(model_or_cfg, ModelConfig):
+        cfg = model_or_cfg
+    elif isinstance(model_or_cfg, str):
+        raise TypeError(f"visorlib.flops.flops takes a model or a ModelConfig, got the name {model_or_cfg!r}; "
+                        "visorlib.flops(name, ...) resolves zoo card names")
     else:
-        cfg = model_or_name.cfg
+        cfg = model_or_cfg.cfg
     spec = cfg.token_reduction if token_reduction is None else token_reduction
     return prefill_flops(cfg, n_visual, n_text, tiles, sa_layers, logits_for, token_reduction=spec)

@@ -45,3 +45,24 @@ def lazy_exports(package: str, exports: dict[str, str], submodules: bool = False
         return sorted(set(vars(sys.modules[package])) | set(exports))
 
     return __getattr__, __dir__
+
+
+def moved_module(old: str, new: str, removal: str) -> Callable[[str], Any]:
+    """``__getattr__`` of a module kept at an old path: every name comes from ``new``, with a DeprecationWarning.
+
+    Args:
+        old: The old module's ``__name__``.
+        new: The module that holds the code now.
+        removal: The visorlib version that deletes the old path.
+    """
+
+    def __getattr__(name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        import warnings
+
+        warnings.warn(f"{old}.{name} moved to {new}.{name}; import it from there ({old} is removed in visorlib "
+                      f"{removal})", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(new), name)
+
+    return __getattr__

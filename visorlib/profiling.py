@@ -14,16 +14,14 @@ against the same dense row.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from .flops import flops
-from .visor.executor import PlanExecutor
+from .utils import best_time, human  # noqa: F401  (human: profile tables; both importable from here)
 from .visor.plan import LayerPlan
-from .visor.pruning import Pruning
 
 #: Each token-reduction method at the paper's settings for LLaVA-OneVision (appendix L; FastV at
 #: its own defaults): ``(label, spec)``.
@@ -63,23 +61,6 @@ def paper_reduction_rows(
         rows.append((f"{plan.describe(config)} {list(config)} + visionzip", scaled({"method": "visionzip"}),
                      list(config)))
     return rows
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def best_time(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Best wall-clock seconds of ``fn`` over ``repeats`` runs."""
-    best = float("inf")
-    for _ in range(max(1, repeats)):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def spec_rows(plan: LayerPlan, spec: object) -> list[tuple[str, object, list[int] | None]]:
@@ -160,10 +141,10 @@ def profile_configurations(
             row_embeds, row_visual, row_segments = model.embed(row_ids, **vision_inputs, **options)
             row_visual_n = int(row_visual.sum())
             extra.update(token_reduction=spec, visual_tokens=row_visual_n)
-        pruning = Pruning(model.reducers(spec)[1], plan.num_layers) if reduced else None
         executes = torch.zeros(1, plan.num_layers, dtype=torch.bool, device=device)
         executes[0, config if config is not None else list(range(plan.num_layers))] = True
-        executor = PlanExecutor(model.decoder, row_plan, model.cross_attention, model.cfg.attn_implementation, pruning)
+        # The model's own executor (its decoder, blocks and attention backend), under the row's plan.
+        executor = model.language_model.executor(model.reducers(spec)[1] if reduced else (), plan=row_plan)
         row_positions = torch.arange(row_ids.shape[1], device=device)[None]
         row_mask = torch.ones_like(row_ids)
 
@@ -201,14 +182,6 @@ def _dense_cfg(cfg):
     import dataclasses
 
     return dataclasses.replace(cfg, visor=None)
-
-
-def human(n: float, unit: str = "") -> str:
-    """``1.23 G``-style rendering of a count."""
-    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {suffix}{unit}"
-    return f"{n:.0f} {unit}".rstrip()
 
 
 def format_table(profile: dict) -> str:

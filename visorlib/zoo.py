@@ -97,7 +97,7 @@ def instantiate(
         return model
     model = model.to_empty(device=device or "cpu")
     init_weights(model)
-    model.init_visor_blocks()  # VISOR blocks start from the dense weights they sit beside
+    model.language_model.init_blocks()  # VISOR blocks start from the dense weights they sit beside
     return model
 
 
@@ -135,18 +135,32 @@ def build(
         # A dense reference checkpoint: load it, then add freshly initialised VISOR blocks.
         model = instantiate(dataclasses.replace(cfg, visor=None), "meta", dtype)
         load_weights(model, folder)
-        model = visorize_plan(model.to(device or "cpu"), cfg.visor, warn=False)
-        warnings.warn(
-            f"{name}: loaded the dense weights of {source}; the VISOR blocks (cross-attention, router, "
-            "packing projector) are freshly initialised and untrained: fine-tune before trusting its answers",
-            stacklevel=2,
-        )
+        model = dense_to_visor(model.to(device or "cpu"), cfg.visor, source, name)
     else:
         model = instantiate(cfg, "meta", dtype)
         load_weights(model, folder)
         model = model.to(device or "cpu")
     model.checkpoint_dir = folder
     return model.eval()
+
+
+def dense_to_visor(model: nn.Module, visor: VisorConfig, source: Any, name: str | None = None,
+                   warn: bool = True) -> nn.Module:
+    """The one dense -> VISOR conversion (:func:`build` and the trainer both call it).
+
+    ``model`` holds dense weights loaded from ``source``; it gets the plan's VISOR blocks,
+    initialised from those weights (:func:`visorlib.visor.visorize`), in place. With ``warn`` it
+    says that the blocks are untrained — a training run, which is the fine-tuning asked for, passes
+    ``warn=False``.
+    """
+    model = visorize_plan(model, visor, warn=False)
+    if warn:
+        warnings.warn(
+            f"{name or model.cfg.name}: loaded the dense weights of {source}; the VISOR blocks (cross-attention, "
+            "router, packing projector) are freshly initialised and untrained: fine-tune before trusting its answers",
+            stacklevel=3,
+        )
+    return model
 
 
 def load_weights(model: nn.Module, folder: Path) -> None:
@@ -300,3 +314,19 @@ def visorize(model: nn.Module, visor: VisorConfig | dict | str, warn: bool = Tru
             raise ConfigError(f"zoo card {visor!r} has no visor section")
         visor = card.visor
     return visorize_plan(model, visor, warn)
+
+
+def flops(model_or_name: Any, *args: Any, **kwargs: Any):
+    """``visorlib.flops``: :func:`visorlib.flops.flops` of a built model, a config or a zoo card *name*.
+
+    The name is resolved here, above the zoo, so the cost model itself never imports the zoo.
+    The other arguments (``n_visual``, ``n_text``, ``tiles``, ``sa_layers``, ``logits_for``,
+    ``token_reduction``) are those of :func:`visorlib.flops.flops`.
+
+    Example::
+
+        visorlib.flops("llava-ov-0.5b", n_visual=7371, n_text=64, tiles=10, token_reduction={"method": "visionzip"})
+    """
+    from .flops import flops as cost
+
+    return cost(get_config(model_or_name) if isinstance(model_or_name, str) else model_or_name, *args, **kwargs)

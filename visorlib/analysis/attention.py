@@ -165,7 +165,7 @@ class AttentionProbe:
 
     def _keep_visual(self, state) -> None:
         layout = state.layout
-        visual = state.V if state.H is None else gather_tokens(state.H, layout.visual_index)
+        visual = state.visual if state.hidden is None else gather_tokens(state.hidden, layout.visual_index)
         self.states.append(visual.detach().float())
         self.visual_valid = layout.visual_valid
 
@@ -226,7 +226,7 @@ def measure_batch(model, inputs: dict, answer: torch.Tensor, sa_layers: object =
     if request.routed:
         raise ValueError("analysis runs one fixed configuration per pass; pass layers, 'all' or None, not 'router'")
     executes = request.mask(model.plan.num_layers, input_ids.device)
-    groups = TokenGroups.build(model.visual_token_mask(input_ids), mask, answer.to(input_ids.device))
+    groups = TokenGroups.build(model.language_model.visual_token_mask(input_ids), mask, answer.to(input_ids.device))
     probe = AttentionProbe(groups, executes, chunk, keep_states)
     with observing(model, probe):
         # No token reduction: the measurement is of the model itself, every visual token present.

@@ -50,17 +50,17 @@ def add_analyze_parser(sub) -> argparse.ArgumentParser:
 
 
 def parse_sa_layers(text: str | None) -> object:
-    """``--sa-layers``: None, ``all``, ``none`` or ``1,3`` (the one configuration measured)."""
+    """``--sa-layers``: one configuration in the ``sa_layers`` grammar (not ``router``: one configuration is measured)."""
     from ..cli_args import UsageError
+    from ..visor.request import parse_configuration
 
-    if text is None or text in ("default", "all"):
-        return None if text in (None, "default") else "all"
-    if text == "none":
-        return []
     try:
-        return [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise UsageError(f"--sa-layers {text!r}: expected 'all', 'none' or layers like '1,3'") from None
+        configuration = parse_configuration(text, "--sa-layers")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if configuration == "router":
+        raise UsageError("--sa-layers router: the analysis measures one fixed configuration; name its layers")
+    return configuration
 
 
 def prepare_folder(out: Path, names: list[str]) -> None:

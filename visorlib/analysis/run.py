@@ -103,7 +103,7 @@ def analyze(model, processor, samples: Sequence, *, sa_layers: object = None, ba
     """
     from tqdm import tqdm
 
-    from ..train.data import collate
+    from ..data.conversations import collate
 
     if processor.tokenizer is None:
         raise ValueError("analysis needs the model's tokenizer (tokenizer.json beside the checkpoint)")

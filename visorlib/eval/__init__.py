@@ -17,6 +17,7 @@ _EXPORTS = {
     "TASKS": "datasets", "EvalDataset": "datasets", "EvalSample": "datasets", "TaskSpec": "datasets",
     "from_training_data": "datasets", "load_data": "datasets", "load_local": "datasets", "load_task": "datasets",
     "METRICS": "metrics", "score": "metrics",
+    "held_out_task_accuracy": "held_out",
     "EvalReport": "report", "ReportRow": "report",
     "Configuration": "runner", "evaluate": "runner", "parse_configs": "runner",
 }

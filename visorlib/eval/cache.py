@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from ..train.data import DataError
-from ..train.runlock import RunLock
+from ..data.conversations import DataError
+from ..data.runlock import RunLock
 from .datasets import EvalDataset, EvalSample
 from .report import PLOT_SOFTWARE
 

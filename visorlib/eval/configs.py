@@ -1,9 +1,11 @@
 """What ``--configs`` and ``--token-reduction`` name: the evaluation's columns.
 
-``--configs`` uses the ``sa_layers`` grammar of the whole library (:data:`CONFIG_GRAMMAR`): a
-configuration is comma-separated self-attention layers, several are separated by ``;``, and the
-words are ``default``, ``all``, ``none`` and ``router``. Each column may be evaluated again under
-token-reduction specs (``"1,4 + visionzip"``).
+``--configs`` uses the ``sa_layers`` grammar of the whole library, read by
+:func:`visorlib.visor.request.parse_sa_layers` (:data:`~visorlib.visor.request.SA_LAYERS_GRAMMAR`):
+a configuration is comma-separated self-attention layers, several are separated by ``;``, and the
+words are ``default``, ``all``, ``none`` and ``router``. This module only turns those words into the
+model's columns. Each column may be evaluated again under token-reduction specs
+(``"1,4 + visionzip"``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from ..visor.request import SA_LAYERS_GRAMMAR, parse_sa_layers
 
 log = logging.getLogger("visorlib.eval")
 ROUTER = "router"
@@ -58,9 +62,8 @@ def reduction_label(spec: Any) -> str:
     return "+".join(parts)
 
 
-#: The ``--configs`` grammar, quoted by every error about it (the same words as ``sa_layers`` elsewhere).
-CONFIG_GRAMMAR = ("a configuration is comma-separated self-attention layers such as '1,4'; several are "
-                  "separated by ';'; the words are 'default', 'all', 'none' and 'router'")
+#: The ``--configs`` grammar: the library's one ``sa_layers`` grammar (kept under this name for callers).
+CONFIG_GRAMMAR = SA_LAYERS_GRAMMAR
 
 
 def parse_configs(model, spec: str | Sequence[Any] | None) -> list[Configuration]:
@@ -77,17 +80,13 @@ def parse_configs(model, spec: str | Sequence[Any] | None) -> list[Configuration
             (:data:`CONFIG_GRAMMAR`) or not a valid layer set of the model.
     """
     plan = model.plan
-    items = spec if isinstance(spec, (list, tuple)) else str("default" if spec is None else spec).split(";")
+    if plan.dense and isinstance(spec, str) and spec.strip() == "dense":
+        spec = "default"  # the label of a dense model's one column, read back from a report
     out: list[Configuration] = []
-    for item in items:
-        item = item.strip() if isinstance(item, str) else item
-        if item == "":
-            continue  # "1,4;" is one configuration, not an empty one too
-        if item in ("none", "[]"):
-            item = []  # the configuration that executes no self-attention layer (CA only)
+    for item in parse_sa_layers(spec, "--configs"):
         if plan.dense:
-            if item not in ("default", "all", "dense"):
-                raise ValueError(f"--configs {item!r}: {model.cfg.name} is a dense model (only 'default'/'all')")
+            if item not in ("default", "all"):
+                raise ValueError(f"--configs {_text(item)!r}: {model.cfg.name} is a dense model (only 'default'/'all')")
             out.append(Configuration("dense", "all"))
         elif item == "default":
             out.append(Configuration(_label(plan.default), plan.default))
@@ -112,16 +111,17 @@ def parse_configs(model, spec: str | Sequence[Any] | None) -> list[Configuration
     return list(unique.values())
 
 
-def _layers(plan, item: Any) -> list[int]:
-    """One layer list (``"1,4"``, ``"[1, 4]"`` or a list), checked against the plan."""
-    parts = item if isinstance(item, (list, tuple)) else [p.strip() for p in item.strip("[] ").split(",")]
-    for part in parts:
-        if isinstance(part, bool) or not (isinstance(part, int) or (isinstance(part, str) and part.isdigit())):
-            raise ValueError(f"--configs {item!r}: {part!r} is not a layer number; {CONFIG_GRAMMAR}")
+def _layers(plan, layers: list[int]) -> list[int]:
+    """One layer list from the grammar, checked against the plan."""
     try:
-        return list(plan.validate([int(p) for p in parts]))
+        return list(plan.validate(layers))
     except ValueError as err:
-        raise ValueError(f"--configs {item!r}: {err}") from err
+        raise ValueError(f"--configs {_text(layers)!r}: {err}") from err
+
+
+def _text(item: Any) -> str:
+    """An item of the grammar as the user wrote it (``"1,4"``, ``"none"``, a word)."""
+    return item if isinstance(item, str) else _label(item)
 
 
 def _label(config: Sequence[int]) -> str:

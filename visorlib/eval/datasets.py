@@ -4,7 +4,7 @@ Both kinds become a list of :class:`EvalSample` — a question in LLaVA data sty
 its images (opened only when the sample is evaluated), the reference answers, the metric that
 scores it and an optional category.
 
-* **Local files** are the training format (:mod:`visorlib.train.data`, whose row reader and image
+* **Local files** are the training format (:mod:`visorlib.data.conversations`, whose row reader and image
   opening are reused): JSON or JSONL rows with ``conversations``; the references are ``answers``
   (a string or a list) or, without it, the first assistant turn. Optional per-row ``category``
   and ``metric`` fields.
@@ -24,8 +24,8 @@ from typing import Any
 
 from PIL import Image
 
-from ..train.data import ROLES, ConversationDataset, DataError
-from ..train.recipe import DatasetSpec
+from ..data.conversations import ROLES, ConversationDataset, DataError
+from ..data.specs import DatasetSpec
 from .metrics import METRICS
 from .report import ALL
 
@@ -151,7 +151,7 @@ def from_training_data(source: ConversationDataset, indices=None, metric: str = 
     """Rows of a training dataset as evaluation samples (e.g. the router stage's held-out rows).
 
     Args:
-        source: A training :class:`~visorlib.train.data.ConversationDataset`.
+        source: A training :class:`~visorlib.data.conversations.ConversationDataset`.
         indices: Row indices to keep (default: all).
         metric: Metric of rows without a ``metric`` field.
     """

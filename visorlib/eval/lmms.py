@@ -25,7 +25,8 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError("the lmms-eval plugin needs lmms-eval: pip install 'visorlib[lmms-eval]'") from err
 
-from .runner import ROUTER, encode_prompt, generate_batch, left_padded_batch
+from ..visor.request import parse_configuration
+from .runner import encode_prompt, generate_batch, left_padded_batch
 
 MODEL_ID = "visorlib"
 
@@ -35,22 +36,6 @@ def manifest():
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.VisorlibLMM")
-
-
-def _sa_layers(value: Any):
-    if value in (None, "", "default"):
-        return None
-    if value in (ROUTER, "all"):
-        return value
-    if value in ("none", "[]"):
-        return []  # no self-attention layer executes (cross-attention only)
-    if isinstance(value, (list, tuple)):
-        return [int(v) for v in value]
-    parts = str(value).replace(":", "-").replace(";", "-").split("-")
-    try:
-        return [int(p) for p in parts if p.strip()]
-    except ValueError as err:
-        raise ValueError(f"sa_layers={value!r}: expected default, router, all or layers like 1-4-7") from err
 
 
 def _count_arg(key: str, value: Any, allow_auto: bool = False) -> int:
@@ -122,7 +107,7 @@ class VisorlibLMM(lmms):
         if processor.tokenizer is None:
             raise ValueError("the visorlib lmms-eval model needs the checkpoint's tokenizer.json")
         self.model, self.processor = model.eval(), processor
-        self.sa_layers = _sa_layers(sa_layers)
+        self.sa_layers = parse_configuration(sa_layers, "sa_layers")
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
 
     def _visuals(self, doc_to_visual, doc_id, task, split) -> list:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..profiling import human
+from ..utils import human
 
 ALL = "all"
 #: The ``Software`` tag of the plots written here (an existing plot without it is never overwritten).

@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
+from ..data.conversations import DataError, collate
 from ..flops import decode_step_flops, flops, kv_bytes_per_token
 from ..processing.chat import IM_START
-from ..profiling import _sync
-from ..train.data import DataError, collate
+from ..utils import synchronize
 from .cache import (
     PredictionsLock,
     check_outputs,
@@ -65,7 +65,7 @@ def encode_prompt(processor, question: str, images: Sequence[Any], token_reducti
 
 
 def left_padded_batch(encoded: list[dict[str, Any]], pad_id: int, device) -> dict[str, Any]:
-    """Collate like training (:func:`~visorlib.train.data.collate`), then move padding to the left."""
+    """Collate like training (:func:`~visorlib.data.conversations.collate`), then move padding to the left."""
     batch = collate([dict(s, labels=s["input_ids"]) for s in encoded], pad_id)
     batch.pop("labels")
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -114,14 +114,14 @@ def generate_batch(model, processor, encoded: list[dict[str, Any]], sa_layers: A
     else:
         ran = [list(c) for c in model.language_model.request(sa_layers, len(encoded)).configurations]
     device = batch["input_ids"].device
-    _sync(device)
+    synchronize(device)
     started = time.perf_counter()
     out = model.generate(**batch, max_new_tokens=max_new_tokens, sa_layers=sa_layers, token_reduction=token_reduction)
-    _sync(device)
+    synchronize(device)
     seconds = (time.perf_counter() - started) / len(encoded)
     length = batch["input_ids"].shape[1]
     eos = set(model.cfg.tokens.eos_token_ids)
-    visual = model.visual_token_mask(batch["input_ids"]) & batch["attention_mask"].bool()
+    visual = model.language_model.visual_token_mask(batch["input_ids"]) & batch["attention_mask"].bool()
     results = []
     for row in range(len(encoded)):
         new = out[row, length:].tolist()

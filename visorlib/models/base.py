@@ -9,13 +9,17 @@ the base class of every family model:
   tokens over its run of placeholder ids, numbers the visual tokens by image (``segments``, which
   the cross-attention's positional convolution needs) and puts the router's learned token where
   the routing id sits;
-* :meth:`~VisionLanguageModel.run_language_model` checks the attention mask, asks the family for
-  its rotary positions, runs the :class:`~visorlib.visor.VisorLanguageModel` (the decoder under the
-  VISOR plan) and returns the logits (text positions only under a VISOR plan) and the loss;
+* ``self.language_model`` — the :class:`~visorlib.visor.VisorLanguageModel`, an ``nn.Module`` that
+  owns the decoder and the VISOR blocks — takes that :class:`Embedded` record and does the rest
+  (positions, the decoder under the plan, the router, logits and loss);
 * :meth:`~VisionLanguageModel.route` runs only the routing phase (what router training uses).
 
 A family implements ``embed_inputs`` (its media -> :class:`Embedded`) and ``forward`` (its
-Hugging Face-style arguments). Inputs are checked with :mod:`visorlib.validation` (what is
+Hugging Face-style arguments), which ends ``return self.language_model(input_ids, embedded,
+attention_mask, position_ids, labels, cache, logits_to_keep, sa_layers, in_llm_reducers)``.
+``decoder``, ``plan``, ``cross_attention``, ``router`` and ``packer`` read the language model's
+parts (read-only), and checkpoints keep their names (``decoder.*``, not
+``language_model.decoder.*``). Inputs are checked with :mod:`visorlib.validation` (what is
 checked: ``docs/inputs.md``): ids inside the vocabulary, finite pixels and embeddings, each
 sample's placeholders against its own images, no all-padding row. A decode step pays one small
 reduction and one host sync for it.
@@ -23,9 +27,7 @@ reduction and one host sync for it.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -35,11 +37,9 @@ from ..config import ModelConfig
 from ..generation import GenerationMixin
 from ..hub import PretrainedMixin
 from ..modules.cache import KVCache
-from ..modules.layers import positions_from_mask
-from ..registry import build_decoder, resolve
+from ..registry import resolve
 from ..validation import (
     InputError,
-    check_attention_mask,
     check_finite,
     check_media_per_sample,
     check_token_ids,
@@ -50,40 +50,18 @@ from ..validation import (
     safe_token_ids,
     token_id_error,
 )
-from ..visor import VisorReport, attach_visor
+from ..visor import VisorReport
+from ..visor.language_model import (
+    Embedded,
+    ModelOutput,
+    VisorLanguageModel,
+    flat_state_dict_keys,
+    nested_state_dict_keys,
+)
 from ..visor.reduction import IN_LLM, PRE_LLM, Reducer, parse_reduction
+from ..visor.token_packing import widen_projector
 
 __all__ = ["Embedded", "InputError", "Media", "ModelOutput", "VisionLanguageModel"]
-
-
-@dataclass
-class ModelOutput:
-    """What a forward pass returns.
-
-    Attributes:
-        logits: ``[B, L, vocab]`` (only the last ``logits_to_keep`` positions when that was set).
-            Under a VISOR plan the visual positions carry no prediction and are zero. None with
-            ``logits_to_keep=-1`` (loss only: the head ran on supervised positions alone).
-        loss: Mean next-token cross-entropy over labels != -100, when ``labels`` were given.
-        cache: The filled :class:`~visorlib.modules.cache.KVCache` when one was passed in.
-        visor: What ran: the SA layers of each sample (after routing), how they were chosen and
-            the router's logits (see :class:`~visorlib.visor.VisorReport`).
-    """
-
-    logits: torch.Tensor | None
-    loss: torch.Tensor | None = None
-    cache: KVCache | None = None
-    visor: VisorReport | None = None
-
-    @property
-    def sa_layers(self) -> list[list[int]] | None:
-        """The configuration each sample ran (``visor.executed``)."""
-        return None if self.visor is None else self.visor.executed
-
-    @property
-    def router_logits(self) -> torch.Tensor | None:
-        """``[routing tokens, configurations]`` when the router decided (``visor.router_logits``)."""
-        return None if self.visor is None else self.visor.router_logits
 
 
 class Media(NamedTuple):
@@ -113,23 +91,6 @@ class Media(NamedTuple):
     hint: str = ""
 
 
-class Embedded(NamedTuple):
-    """A batch's input embeddings and what the decoder pass needs to know about them.
-
-    Attributes:
-        embeds: ``[B, L, D]`` with visual tokens written over their placeholders.
-        visual_mask: ``[B, L]``, True on visual tokens.
-        segments: ``[B, L]`` image/video ordinal of each visual token (-1 elsewhere).
-        positions: The family's rule ``(full attention mask) -> rotary positions`` of the new
-            tokens; None counts real tokens (so left padding does not shift them).
-    """
-
-    embeds: torch.Tensor
-    visual_mask: torch.Tensor
-    segments: torch.Tensor
-    positions: Callable[[torch.Tensor], torch.Tensor] | None = None
-
-
 class VisionLanguageModel(GenerationMixin, PretrainedMixin, nn.Module):
     """A family model: its vision side, a decoder, and the VISOR language model that runs it.
 
@@ -138,21 +99,65 @@ class VisionLanguageModel(GenerationMixin, PretrainedMixin, nn.Module):
 
     Attributes:
         cfg: The card, resolved (:func:`visorlib.registry.resolve`).
-        decoder: The language model's decoder (state-dict prefix ``decoder.``).
-        plan: The VISOR layer plan (the dense plan for a dense card).
-        cross_attention, router, packer: The VISOR blocks (None when the card has none).
-        language_model: The :class:`~visorlib.visor.VisorLanguageModel` composed of the above.
+        language_model: The :class:`~visorlib.visor.VisorLanguageModel`: the decoder, the VISOR
+            blocks and the forward pass after the embeddings.
+        decoder, plan, cross_attention, router, packer: The language model's parts, read-only
+            (state-dict names ``decoder.*``, ``cross_attention.*``, ``router.*`` as always).
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = resolve(cfg)
         parse_reduction(self.cfg.token_reduction, f"{self.cfg.name}: token_reduction")  # a bad card fails at build
+        # Checkpoints name the language model's parts without its prefix (every visorlib checkpoint does).
+        self.register_state_dict_post_hook(flat_state_dict_keys)
+        self.register_load_state_dict_pre_hook(nested_state_dict_keys)
 
-    def _finish_init(self) -> None:
-        """Build the decoder and attach the VISOR plan and blocks (after the vision side exists)."""
-        self.decoder = build_decoder(self.cfg.decoder)
-        attach_visor(self)
+    def _finish_init(self, decoder: nn.Module | None = None) -> None:
+        """Build the language model from the card (after the vision side exists).
+
+        ``decoder``: an existing decoder to keep (``visorize`` turns a dense model into a VISOR one).
+        Under token packing the projector's first layer is widened to read the packed tokens.
+        """
+        self.language_model = VisorLanguageModel(self.cfg, decoder)
+        if self.language_model.packer is not None:
+            self.projector.linear_1 = widen_projector(self.projector.linear_1)
+
+    @property
+    def cfg(self) -> ModelConfig:
+        """The card (resolved). Setting it (``visorize``, a test shrinking a limit) sets the language model's too."""
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, value: ModelConfig) -> None:
+        self._cfg = value
+        language_model = self._modules.get("language_model")
+        if language_model is not None:
+            language_model.cfg = value
+
+    # The language model's parts, read where the family and the callers always found them.
+    decoder = property(lambda self: self.language_model.decoder, doc="The decoder (owned by ``language_model``).")
+    plan = property(lambda self: self.language_model.plan, doc="The VISOR layer plan (dense for a dense card).")
+    cross_attention = property(lambda self: self.language_model.cross_attention, doc="Cross-attention blocks, or None.")
+    router = property(lambda self: self.language_model.router, doc="The configuration router, or None.")
+    packer = property(lambda self: self.language_model.packer, doc="The VISOR-TR token packer, or None.")
+
+    def parameters_for(self, stage: int | str, freeze_vision_tower: bool = False) -> dict[str, nn.Parameter]:
+        """The parameters training ``stage`` updates, by their names in this model (``named_parameters``).
+
+        The language model's own set (:meth:`~visorlib.visor.VisorLanguageModel.parameters_for`),
+        plus the family's parts: under token packing stage 1 also trains the widened first
+        projector layer; stage 2 trains the vision side too, unless ``freeze_vision_tower``.
+        Parameters with ``requires_grad=False`` (frozen by the family) are never included.
+        """
+        prefix = "language_model."
+        chosen = {prefix + n: p for n, p in self.language_model.parameters_for(stage).items()}
+        if stage == 1 and self.packer is not None:
+            chosen.update((f"projector.linear_1.{n}", p) for n, p in self.projector.linear_1.named_parameters())
+        elif stage == 2:
+            chosen.update((n, p) for n, p in self.named_parameters()
+                          if not n.startswith(prefix) and not (freeze_vision_tower and n.startswith("vision_tower.")))
+        return {n: p for n, p in chosen.items() if p.requires_grad}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -172,23 +177,6 @@ class VisionLanguageModel(GenerationMixin, PretrainedMixin, nn.Module):
         parsed = parse_reduction(spec)
         return [r for r in parsed if r.where == PRE_LLM], [r for r in parsed if r.where == IN_LLM]
 
-    # -- VISOR, delegated to the language model -------------------------------------------------
-    def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """True on image/video placeholder positions."""
-        return self.language_model.visual_token_mask(input_ids)
-
-    def routing_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """True where the router's routing token sits (never, without a router)."""
-        return self.language_model.routing_mask(input_ids)
-
-    def supervised_labels(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """``labels`` with positions a VISOR plan cannot supervise set to -100 (visual tokens and the next one)."""
-        return self.language_model.supervised_labels(input_ids, labels)
-
-    def init_visor_blocks(self) -> None:
-        """Initialise the VISOR blocks from the (already loaded) dense weights."""
-        self.language_model.init_blocks()
-
     def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **media) -> VisorReport:
         """Run only the routing phase and return the router's logits and choices.
 
@@ -200,11 +188,7 @@ class VisionLanguageModel(GenerationMixin, PretrainedMixin, nn.Module):
         """
         if self.router is None:
             raise ValueError(f"{self.cfg.name} has no router")
-        embedded = self.embed_inputs(input_ids, None, **media)
-        mask = self._checked_mask(attention_mask, input_ids, 0)
-        positions = self._positions(embedded, mask, 0)
-        return self.language_model.route(embedded.embeds, positions, mask, embedded.visual_mask, embedded.segments,
-                                         self.routing_mask(input_ids))
+        return self.language_model.route(input_ids, self.embed_inputs(input_ids, None, **media), attention_mask)
 
     def scatter_media(
         self, input_ids: torch.Tensor, media: Sequence[Media]
@@ -222,7 +206,7 @@ class VisionLanguageModel(GenerationMixin, PretrainedMixin, nn.Module):
         check_token_ids(input_ids)
         masks = [input_ids == m.token_id for m in media]
         visual_mask = torch.stack(masks).any(0) if masks else torch.zeros_like(input_ids, dtype=torch.bool)
-        routing_mask = self.routing_mask(input_ids)
+        routing_mask = self.language_model.routing_mask(input_ids)
         table = self.decoder.embed_tokens
         placeholders = visual_mask | routing_mask
         # Placeholder ids may lie outside a shrunk vocabulary; they are overwritten anyway. A bad
@@ -269,87 +253,6 @@ class VisionLanguageModel(GenerationMixin, PretrainedMixin, nn.Module):
             raise InputError(f"the input embeddings of sample {row} hold NaN or infinite values, from {source}; "
                              "the model would return NaN logits")
         return embeds, visual_mask, segments
-
-    def run_language_model(
-        self,
-        input_ids: torch.Tensor,
-        embedded: Embedded,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-        labels: torch.Tensor | None,
-        cache: KVCache | None,
-        logits_to_keep: int,
-        sa_layers: object,
-        reducers: Sequence[Reducer] = (),
-    ) -> ModelOutput:
-        """The decoder under the VISOR plan, then logits and (with ``labels``) the loss.
-
-        Args:
-            input_ids: ``[B, L]`` new tokens.
-            embedded: From the family's ``embed_inputs``.
-            attention_mask: ``[B, L_cache + L]``, 0 on padding; None means no padding.
-            position_ids: Rotary positions of the new tokens; None asks ``embedded.positions``.
-            labels: ``[B, L]`` targets (-100 = ignore) for a next-token loss.
-            cache: A :class:`KVCache` to fill (prefill) or extend (decode).
-            logits_to_keep: Compute logits for the last N positions only (0 = all; -1 = only the
-                positions that have a target, for a memory-light training loss; ``logits`` is then None).
-            sa_layers: VISOR configuration: None (the card's default), ``"all"``, ``"router"``, a
-                list of SA layers, one list per sample, or a :class:`~visorlib.visor.LayerRequest`.
-                Ignored after the prefill: decode steps keep the prefill's configuration.
-            reducers: In-LLM token reduction for the prefill (see :meth:`reducers`).
-        """
-        batch, length = input_ids.shape
-        past = cache.seen if cache is not None else 0
-        attention_mask = self._checked_mask(attention_mask, input_ids, past)
-        if position_ids is None:
-            position_ids = self._positions(embedded, attention_mask, past)
-        self._warn_past_positions(position_ids, past + length)
-        request = self.language_model.request(None if past else sa_layers, batch)
-        hidden, report = self.language_model.forward(embedded.embeds, position_ids, attention_mask, embedded.visual_mask,
-                                                     embedded.segments, self.routing_mask(input_ids), request, cache,
-                                                     () if past else reducers)
-        if logits_to_keep < 0:
-            if labels is None:
-                raise ValueError("logits_to_keep=-1 (loss only) needs labels")
-            loss = self.language_model.supervised_loss(hidden, input_ids, labels)
-            return ModelOutput(logits=None, loss=loss, cache=cache, visor=report)
-        logits = self.language_model.logits(hidden, embedded.visual_mask, logits_to_keep)
-        loss = None if labels is None else self.language_model.loss(logits, input_ids, labels)
-        return ModelOutput(logits=logits, loss=loss, cache=cache, visor=report)
-
-    @staticmethod
-    def _checked_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor, past: int) -> torch.Tensor:
-        batch, length = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=input_ids.device)
-        check_attention_mask(attention_mask, batch, past + length, prefill=past == 0)
-        return attention_mask
-
-    @staticmethod
-    def _positions(embedded: Embedded, attention_mask: torch.Tensor, past: int) -> torch.Tensor:
-        if embedded.positions is not None:
-            return embedded.positions(attention_mask)
-        return positions_from_mask(attention_mask)[:, past:]
-
-    def _warn_past_positions(self, position_ids: torch.Tensor, total: int) -> None:
-        """Warn once when a position passes ``max_position_embeddings`` (RoPE runs, quality is unknown).
-
-        Positions never exceed the token count, so the reduction runs only when the sequence is
-        longer than the limit: ordinary steps pay nothing.
-        """
-        limit = self.cfg.decoder.max_position_embeddings
-        if total <= limit or getattr(self, "_warned_positions", False):
-            return
-        largest = int(position_ids.max())
-        if largest >= limit:
-            self._warned_positions = True
-            warnings.warn(
-                f"input_ids reach position {largest} but {self.cfg.name} was trained for "
-                f"max_position_embeddings={limit} positions; rotary positions run past it, but answers "
-                "beyond that length are not reliable",
-                UserWarning,
-                stacklevel=4,
-            )
 
     def new_cache(self) -> KVCache:
         """An empty cache sized for this model."""

@@ -112,6 +112,6 @@ def prepare(model, processor, request: ChatRequest, images: list, max_model_len:
         raise APIError(f"'max_tokens' is {request.max_tokens} but the prompt is {length} tokens and the context "
                        f"{max_model_len} (--max-model-len): at most {room} tokens fit", "max_tokens",
                        code="context_length_exceeded")
-    visual = int(model.visual_token_mask(ids[None]).sum())
+    visual = int(model.language_model.visual_token_mask(ids[None]).sum())
     return Prepared(request, inputs, sa_layers, label, length, visual)
 

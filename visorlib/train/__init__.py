@@ -10,17 +10,18 @@ from ..lazy import lazy_exports
 
 # public name -> the submodule that defines it
 _EXPORTS = {
-    "BatchPlan": "data",
-    "ConversationDataset": "data",
-    "DataError": "data",
-    "collate": "data",
+    # the data pieces live below train/ and eval/ (visorlib.data); still reachable from here
+    "BatchPlan": ".data.conversations",
+    "ConversationDataset": ".data.conversations",
+    "DataError": ".data.conversations",
+    "collate": ".data.conversations",
     "Recipe": "recipe",
     "load_recipe": "recipe",
     "log_configurations": "router",
     "select_labels": "router",
     "train_router": "router",
-    "RunDirError": "runlock",
-    "RunLock": "runlock",
+    "RunDirError": ".data.runlock",
+    "RunLock": ".data.runlock",
     "make_synthetic_dataset": "synth",
     "Trainer": "trainer",
     "configuration_for_step": "trainer",

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, merge_nested, parse_dataclass, read_yaml_mapping
+from ..data.specs import DATASET_FORMATS, DatasetSpec
 from ..processing.files import DEFAULT_MAX_PIXELS
 
-DATASET_FORMATS = ("llava_json", "synthetic")
 MODES = ("universal", "independent", "dense")
 
 
@@ -37,25 +37,6 @@ class ModelSection:
     pretrained: Any = None
     overrides: dict[str, Any] = field(default_factory=dict)
     tiny: bool = False
-
-
-@dataclass
-class DatasetSpec:
-    """One dataset of the mixture.
-
-    Attributes:
-        path: JSON / JSONL file of LLaVA-style conversations (or a synthetic dataset folder).
-        image_root: Folder that image paths are relative to (default: the file's folder).
-        weight: Relative sampling weight in the mixture.
-        format: One of :data:`DATASET_FORMATS`.
-        name: Label used in logs and pseudo-labels (default: the file's stem).
-    """
-
-    path: str = ""
-    image_root: str | None = None
-    weight: float = 1.0
-    format: str = "llava_json"
-    name: str | None = None
 
 
 @dataclass

@@ -12,6 +12,12 @@
 3. :func:`train_router` fits the router with cross-entropy on those labels (only the router and its
    routing-token embedding learn; the layers below it are frozen), and reports accuracy on held-out
    samples and the FLOPs the routed configurations save against the full model.
+
+:func:`run_router_stage` is the recipe's router stage. The task accuracy it reports before and
+after (answers generated and scored the way ``visorlib eval`` scores them) is evaluation's work:
+the caller passes it in as ``task_accuracy``
+(:func:`visorlib.eval.held_out.held_out_task_accuracy`; the ``visorlib train`` command does), so
+nothing in ``train/`` imports ``eval/``.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import json
 import random
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..data.conversations import collate
 from ..flops import flops
 from ..models import set_train_mode
-from .data import collate
 
 
 def full_configuration(plan) -> list[int]:
@@ -44,7 +50,7 @@ def log_configurations(model, datasets, refs: Iterable[tuple[int, int]], pad_id:
 
     Args:
         model: A universal VISOR model.
-        datasets: :class:`~visorlib.train.data.ConversationDataset` list.
+        datasets: :class:`~visorlib.data.conversations.ConversationDataset` list.
         refs: ``(dataset, index)`` samples to evaluate.
         pad_id: Padding id for batching.
         path: Append the rows to this JSONL file too.
@@ -59,9 +65,9 @@ def log_configurations(model, datasets, refs: Iterable[tuple[int, int]], pad_id:
     for d, i in tqdm(list(refs), desc="router labels", disable=not progress, dynamic_ncols=True):
         sample = datasets[d][i]
         batch = _to(collate([sample], pad_id), model)
-        labels = model.supervised_labels(batch["input_ids"], batch.pop("labels"))[0, 1:]
+        labels = model.language_model.supervised_labels(batch["input_ids"], batch.pop("labels"))[0, 1:]
         supervised = labels != -100
-        n_visual = int(model.visual_token_mask(batch["input_ids"]).sum())
+        n_visual = int(model.language_model.visual_token_mask(batch["input_ids"]).sum())
         for configuration in model.plan.configurations:
             logits = model(**batch, sa_layers=configuration).logits[0, :-1]
             hits = (logits.argmax(-1) == labels)[supervised]
@@ -121,37 +127,6 @@ def split_labels(labels: dict[tuple[str, int], list[int]], eval_fraction: float,
     return items[:held], items[held:] or items
 
 
-@torch.no_grad()
-def held_out_task_accuracy(model, processor, datasets, held_out, configs, batch_size: int = 8,
-                           max_skip_fraction: float = 0.1) -> dict[str, Any]:
-    """Task accuracy (generated answers, :mod:`visorlib.eval`) of ``configs`` on the held-out samples.
-
-    ``max_skip_fraction`` is the recipe's ``data.max_skip_fraction``: the same ceiling on broken
-    samples as training, not evaluation's own default.
-
-    Returns ``{dataset: {configuration: score in %}}`` plus, for the router, its choice counts
-    under ``"router_choices"``.
-    """
-    from ..eval.datasets import from_training_data
-    from ..eval.runner import evaluate
-
-    rows: dict[str, list[int]] = defaultdict(list)
-    for (name, i), _ in held_out:
-        rows[name].append(i)
-    data = [from_training_data(d, rows[d.name]) for d in datasets if rows.get(d.name)]
-    if not data:
-        return {}
-    report = evaluate(model, data, configs=configs, batch_size=batch_size, processor=processor, progress=False,
-                      max_skip_fraction=max_skip_fraction)
-    out: dict[str, Any] = {}
-    for row in report.rows:
-        if row.category == "all":
-            out.setdefault(row.dataset, {})[row.configuration] = row.score
-            if row.choices:
-                out.setdefault("router_choices", {})[row.dataset] = row.choices
-    return out
-
-
 def train_router(model, datasets, labels: dict[tuple[str, int], list[int]], pad_id: int, steps: int = 200,
                  lr: float = 1e-3, batch_size: int = 8, eval_fraction: float = 0.2, seed: int = 0,
                  progress: bool = False, train_token: bool = False) -> dict[str, Any]:
@@ -165,11 +140,12 @@ def train_router(model, datasets, labels: dict[tuple[str, int], list[int]], pad_
         raise ValueError(f"{model.cfg.name} has no router to train")
     index = {name: i for i, name in enumerate(d.name for d in datasets)}
     evaluation, training = split_labels(labels, eval_fraction, seed)
-    for name, param in model.named_parameters():
+    router = {id(p) for p in model.language_model.parameters_for("router").values()}
+    for param in model.parameters():
         # The routing token's embedding is an input every later layer reads: training it changes
         # the universal model's answers under every configuration (measured on synthdoc: pair
         # questions fell from 1.00 to 0.61-0.67). By default only the router's MLP learns.
-        param.requires_grad_(name.startswith("router.") and (train_token or name != "router.token"))
+        param.requires_grad_(id(param) in router and (train_token or param is not model.router.token))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     losses = []
@@ -225,7 +201,7 @@ def evaluate_router(model, datasets, index, items, pad_id) -> dict[str, Any]:
         batch.pop("labels")
         chosen = _route(model, batch)["configs"][0]
         hits += chosen == label
-        n_visual = int(model.visual_token_mask(batch["input_ids"]).sum())
+        n_visual = int(model.language_model.visual_token_mask(batch["input_ids"]).sum())
         n_text = batch["input_ids"].shape[1] - n_visual
         routed_flops += flops(model, n_visual, n_text, sa_layers=chosen).language_model
         full_flops += flops(model, n_visual, n_text, sa_layers=full).language_model
@@ -233,8 +209,17 @@ def evaluate_router(model, datasets, index, items, pad_id) -> dict[str, Any]:
             "flops_saving_vs_full": full_flops / routed_flops}
 
 
-def run_router_stage(recipe, trainer) -> dict[str, Any]:
-    """The recipe's router stage: log every configuration, pick labels, train, export, report."""
+def run_router_stage(recipe, trainer, task_accuracy: Callable[..., dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The recipe's router stage: log every configuration, pick labels, train, export, report.
+
+    Args:
+        recipe: The loaded recipe (``training.stage: router``).
+        trainer: Its :class:`~visorlib.train.trainer.Trainer` (model, datasets, processor).
+        task_accuracy: ``(model, processor, datasets, held_out, configs, batch_size, max_skip_fraction)
+            -> {dataset: {configuration: score}}``, e.g.
+            :func:`visorlib.eval.held_out.held_out_task_accuracy`; None leaves the task-accuracy
+            entries out of the report.
+    """
     from .trainer import save_tokenizer
 
     if trainer.dist.world > 1:
@@ -258,14 +243,15 @@ def run_router_stage(recipe, trainer) -> dict[str, Any]:
     held_out, _ = split_labels(labels, spec.eval_fraction, recipe.training.seed)
     fixed = [list(c) for c in model.plan.configurations]
     skip = recipe.data.max_skip_fraction
-    before = held_out_task_accuracy(model, trainer.processor, datasets, held_out, fixed, recipe.data.micro_batch_size,
-                                    skip)
+    before = None if task_accuracy is None else task_accuracy(
+        model, trainer.processor, datasets, held_out, fixed, recipe.data.micro_batch_size, skip)
     report = train_router(model, datasets, labels, pad, spec.steps, recipe.optim.lr, recipe.data.micro_batch_size,
                           spec.eval_fraction, recipe.training.seed, progress=recipe.logging.progress,
                           train_token=spec.train_token)
-    report["task_accuracy_before_router_training"] = before
-    report["task_accuracy"] = held_out_task_accuracy(model, trainer.processor, datasets, held_out, [*fixed, "router"],
-                                                     recipe.data.micro_batch_size, skip)
+    if task_accuracy is not None:
+        report["task_accuracy_before_router_training"] = before
+        report["task_accuracy"] = task_accuracy(model, trainer.processor, datasets, held_out, [*fixed, "router"],
+                                                recipe.data.micro_batch_size, skip)
     model.save_pretrained(out_dir / "model")
     save_tokenizer(trainer.processor, out_dir / "model")
     (out_dir / "router-report.json").write_text(json.dumps(report, indent=2))

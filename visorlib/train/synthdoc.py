@@ -207,7 +207,7 @@ def score_samples(model, samples: list[dict], sa_layers, batch_size: int = 32) -
     """
     import torch
 
-    from .data import collate
+    from ..data.conversations import collate
 
     hits: list[bool] = []
     configs: list = []
@@ -217,7 +217,7 @@ def score_samples(model, samples: list[dict], sa_layers, batch_size: int = 32) -
         for start in range(0, len(samples), batch_size):
             batch = collate(samples[start:start + batch_size], pad)
             batch.pop("batch_num_images", None)
-            labels = model.supervised_labels(batch["input_ids"], batch.pop("labels"))[:, 1:]
+            labels = model.language_model.supervised_labels(batch["input_ids"], batch.pop("labels"))[:, 1:]
             out = model(**batch, sa_layers=sa_layers)
             ok = (out.logits[:, :-1].argmax(-1) == labels) | (labels == -100)
             hits += ok.all(-1).tolist()

@@ -41,13 +41,19 @@ from torch.distributed.checkpoint.state_dict import (
 
 from .. import zoo
 from ..config import ConfigError
+from ..data.conversations import (
+    BatchPlan,
+    ConversationDataset,
+    SkipMonitor,
+    StepBatches,
+    StepSampler,
+    identity,
+)
+from ..data.runlock import RunDirError, RunLock, check_writable
 from ..hub import CheckpointError, atomic_write_json, write_checkpoint
 from ..models import family_of, set_train_mode
-from ..visor.visorize import visorize
-from .data import BatchPlan, ConversationDataset, SkipMonitor, StepBatches, StepSampler, identity
 from .distributed import Distributed, quiet_single_process
 from .recipe import Recipe, check_configuration, model_config, recipe_differences
-from .runlock import RunDirError, RunLock, check_writable
 from .stops import TrainingInterrupted, disk_full, reason, stop_on_sigint
 
 log = logging.getLogger("visorlib.train")
@@ -62,18 +68,40 @@ def configuration_for_step(plan, mode: str, fixed: list[int] | None, seed: int, 
     return list(random.Random(f"{seed}-configuration-{step}").choice(plan.configurations))
 
 
-def trainable_names(model, stage, freeze_vision_tower: bool = False) -> set[str]:
-    """Names of the parameters a training stage updates."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    if stage == "router":
-        return {n for n in names if n.startswith("router.")}
-    if stage == 1:
-        packing = getattr(model, "packer", None) is not None
-        return {n for n in names if n.startswith("cross_attention.") or (packing and n.startswith("projector.linear_1"))}
-    names = {n for n in names if not n.startswith("router.")}
-    if freeze_vision_tower:
-        names = {n for n in names if not n.startswith("vision_tower.")}
-    return names
+def freeze_for_stage(model, stage, freeze_vision_tower: bool = False) -> dict[str, torch.nn.Parameter]:
+    """Let exactly the parameters training ``stage`` updates learn, and freeze the rest; returns them by name.
+
+    What a stage trains is the model's own answer
+    (:meth:`~visorlib.models.base.VisionLanguageModel.parameters_for`), not name prefixes.
+    """
+    trainable = model.parameters_for(stage, freeze_vision_tower)
+    chosen = {id(p) for p in trainable.values()}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in chosen)
+    return trainable
+
+
+_PARTS = ("decoder.", "cross_attention.", "router.", "packer.")
+
+
+def _flat_name(name: str) -> str:
+    return name.removeprefix("language_model.")
+
+
+def _nested_name(name: str) -> str:
+    return "language_model." + name if name.startswith(_PARTS) else name
+
+
+def _optimizer_names(optim: dict[str, Any], rename) -> dict[str, Any]:
+    """An optimizer state dict (DCP's parameter-name form) with every parameter name renamed."""
+    groups = [{**group, "params": [rename(p) for p in group["params"]]} for group in optim["param_groups"]]
+    return {"state": {rename(k): v for k, v in optim["state"].items()}, "param_groups": groups}
+
+
+def _saved_with_flat_names(path: Path) -> bool:
+    """Whether a DCP checkpoint keys its optimizer entries by the pre-issue-20 names (``decoder.*``)."""
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return any(k.startswith(tuple("optim.state." + p for p in _PARTS)) for k in keys)
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -94,7 +122,7 @@ def build_model(recipe: Recipe, device: torch.device):
             # A visorlib checkpoint carries its own architecture; a dense one becomes the card's VISOR model.
             model = zoo.from_pretrained(spec.pretrained, device=device)
             if model.cfg.visor is None and cfg.visor is not None:
-                model = visorize(model, cfg.visor, warn=False)  # this run is the fine-tuning it asks for
+                model = zoo.dense_to_visor(model, cfg.visor, spec.pretrained, warn=False)  # this run fine-tunes it
             return model
         return zoo.build(spec.name, pretrained=spec.pretrained, device=device, **spec.overrides)
     return zoo.instantiate(cfg, device)
@@ -179,9 +207,7 @@ class Trainer:
             f"{' from ' + str(recipe.model.pretrained) if recipe.model.pretrained else ''} on {self.dist.device}...")
         self.model = build_model(recipe, self.dist.device)
         check_configuration(recipe, getattr(self.model, "plan", None))
-        trainable = trainable_names(self.model, train.stage, train.freeze_vision_tower)
-        for name, param in self.model.named_parameters():
-            param.requires_grad_(name in trainable)
+        freeze_for_stage(self.model, train.stage, train.freeze_vision_tower)
         for layer in self.model.decoder.layers:
             layer.gradient_checkpointing = train.activation_checkpointing
             if train.compile:
@@ -287,7 +313,7 @@ class Trainer:
                                         recipe.training.configuration, recipe.training.seed, self.step)
         batches = [item["batch"] for item in items]
         for batch in batches:
-            batch["labels"] = model.supervised_labels(batch["input_ids"], batch["labels"])
+            batch["labels"] = model.language_model.supervised_labels(batch["input_ids"], batch["labels"])
         tokens = self.dist.sum(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)))
         if tokens == 0:
             raise ValueError(f"step {self.step}: the global batch has no supervised tokens")
@@ -484,24 +510,32 @@ class Trainer:
                 self._forget_metrics_after(self.step)
             return self.step
         meta = json.loads((path / "trainer.json").read_text())
+        # Every checkpoint records its recipe as a mapping; one that does not (a pre-0.1 run recorded
+        # only the path) differs in every field, so resuming it needs --allow-recipe-change.
         saved = meta.get("recipe")
-        if isinstance(saved, dict):  # older checkpoints recorded only the recipe's path
-            now = json.loads(json.dumps(self.recipe.to_dict()))
-            changes = recipe_differences(saved, now)
-            if changes and not allow_recipe_change:
-                raise ConfigError(f"{self.recipe.source}: the recipe differs from the one {path} was trained with "
-                                  f"({'; '.join(changes)}); resume with the same recipe, or accept the change with "
-                                  "--allow-recipe-change (Trainer(..., allow_recipe_change=True))")
-            for change in changes:
-                log.warning("resuming with a changed recipe: %s", change)
+        now = json.loads(json.dumps(self.recipe.to_dict()))
+        changes = recipe_differences(saved if isinstance(saved, dict) else {}, now)
+        if changes and not allow_recipe_change:
+            raise ConfigError(f"{self.recipe.source}: the recipe differs from the one {path} was trained with "
+                              f"({'; '.join(changes)}); resume with the same recipe, or accept the change with "
+                              "--allow-recipe-change (Trainer(..., allow_recipe_change=True))")
+        for change in changes:
+            log.warning("resuming with a changed recipe: %s", change)
         step, total = int(meta["step"]), self.recipe.training.max_steps
         if step > total:
             raise ConfigError(f"{self.recipe.source}: training.max_steps={total} but {path} is at step {step}: "
                               f"nothing to train (a resumed run cannot go back); set training.max_steps above {step}")
         state = self._state()
         try:
+            # A run saved before the language model owned its parts names the optimizer's entries
+            # decoder.* / cross_attention.* / router.*; read them under those names.
+            flat = _saved_with_flat_names(path)
+            if flat:
+                state["optim"] = _optimizer_names(state["optim"], _flat_name)
             with quiet_single_process():
                 dcp.load(state, checkpoint_id=str(path))
+            if flat:
+                state["optim"] = _optimizer_names(state["optim"], _nested_name)
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         except (CheckpointException, RuntimeError, KeyError, ValueError) as err:
             # DCP's CheckpointException is a BaseException (the CLI's handler would miss it) and lists

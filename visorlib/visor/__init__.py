@@ -9,15 +9,16 @@
 * :mod:`~visorlib.visor.executor` — runs any plan, per-sample configurations included;
 * :mod:`~visorlib.visor.router` — picks a configuration per sample;
 * :mod:`~visorlib.visor.token_packing` — VISOR-TR: fewer visual tokens before the decoder;
-* :mod:`~visorlib.visor.language_model` — the decoder under a plan, composed with the blocks;
+* :mod:`~visorlib.visor.language_model` — the ``nn.Module`` that owns the decoder and the blocks
+  and runs the forward pass after the embeddings (read its ``forward`` first);
 * :mod:`~visorlib.visor.visorize` — a dense model becomes a VISOR model.
 """
 
 from .cross_attention import ConvPositionalEmbedding, CrossAttention
-from .language_model import VisorLanguageModel, attach_visor
+from .language_model import Embedded, ModelOutput, VisorLanguageModel
 from .plan import CROSS, SELF, TEXT, LayerPlan, validate_sa_layers
-from .request import LayerRequest, VisorReport
-from .router import ConfigurationRouter, costliest, route_configs
+from .request import SA_LAYERS_GRAMMAR, LayerRequest, VisorReport, parse_configuration, parse_sa_layers
+from .router import ConfigurationRouter, route_configs
 from .token_packing import TokenPacker, widen_projector
 from .visorize import visorize
 
@@ -28,13 +29,16 @@ __all__ = [
     "ConfigurationRouter",
     "ConvPositionalEmbedding",
     "CrossAttention",
+    "Embedded",
     "LayerPlan",
     "LayerRequest",
+    "ModelOutput",
+    "SA_LAYERS_GRAMMAR",
     "TokenPacker",
     "VisorLanguageModel",
     "VisorReport",
-    "attach_visor",
-    "costliest",
+    "parse_configuration",
+    "parse_sa_layers",
     "route_configs",
     "validate_sa_layers",
     "visorize",

@@ -114,9 +114,12 @@ class _State:
 
     def __init__(self, ex: PlanExecutor, hidden, position_ids, attention_mask, visual_mask, segments, past, cache):
         self.ex, self.past, self.cache = ex, past, cache
-        self.H: torch.Tensor | None = hidden
-        self.T: torch.Tensor | None = None
-        self.V: torch.Tensor | None = None
+        # The states live in one of two forms (module docstring): ``hidden`` merged [B, L, D] in the
+        # original order, or ``text`` [B, N_t, D] and ``visual`` [B, N_v, D] streams. The form not
+        # in use is None.
+        self.hidden: torch.Tensor | None = hidden
+        self.text: torch.Tensor | None = None
+        self.visual: torch.Tensor | None = None
         self.positions = position_ids
         self.attention_mask = attention_mask
         self.new_mask = attention_mask[:, past:]
@@ -171,15 +174,15 @@ class _State:
         return self._memo("cross_mask", make)
 
     def _dtype(self):
-        return (self.H if self.H is not None else self.T).dtype
+        return (self.hidden if self.hidden is not None else self.text).dtype
 
     # -- conversions -------------------------------------------------------------------------
     def merged(self) -> torch.Tensor:
-        if self.H is None:
-            base = torch.zeros(*self.visual_mask.shape, self.T.shape[-1], dtype=self.T.dtype, device=self.T.device)
-            base = scatter_tokens(base, self.layout.visual_index, self.V)
-            self.H = scatter_tokens(base, self.layout.text_index, self.T)
-        return self.H
+        if self.hidden is None:
+            base = torch.zeros(*self.visual_mask.shape, self.text.shape[-1], dtype=self.text.dtype, device=self.text.device)
+            base = scatter_tokens(base, self.layout.visual_index, self.visual)
+            self.hidden = scatter_tokens(base, self.layout.text_index, self.text)
+        return self.hidden
 
     def restored(self) -> torch.Tensor:
         """Merged states in the input's layout ``[B, L, D]``: pruned visual positions are zero."""
@@ -199,8 +202,8 @@ class _State:
         keep = real & ~self.visual_mask
         keep = scatter_tokens(keep, torch.where(kept, positions, self.visual_mask.shape[1]), kept) | keep
         index, valid = compact(keep)
-        self.H = gather_tokens(self.merged(), index)
-        self.T = self.V = None
+        self.hidden = gather_tokens(self.merged(), index)
+        self.text = self.visual = None
         self.positions = gather_positions(self.positions, index)
         self.visual_mask = gather_tokens(self.visual_mask, index) & valid
         self.segments = torch.where(valid, gather_tokens(self.segments, index), -1)
@@ -210,23 +213,23 @@ class _State:
         self._layout, self._cache = None, {}
 
     def split(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.T is None:
-            self.T = gather_tokens(self.H, self.layout.text_index)
-            self.V = gather_tokens(self.H, self.layout.visual_index)
-        self.H = None  # the streams are about to change
-        return self.T, self.V
+        if self.text is None:
+            self.text = gather_tokens(self.hidden, self.layout.text_index)
+            self.visual = gather_tokens(self.hidden, self.layout.visual_index)
+        self.hidden = None  # the streams are about to change
+        return self.text, self.visual
 
     def text_states(self) -> torch.Tensor:
         """Current text stream ``[B, N_t, D]`` (for the router)."""
-        return self.T if self.H is None else gather_tokens(self.H, self.layout.text_index)
+        return self.text if self.hidden is None else gather_tokens(self.hidden, self.layout.text_index)
 
     # -- layer kinds ---------------------------------------------------------------------------
     def merged_layer(self, index, layer):
         hidden = self.merged()
-        self.T = self.V = None
+        self.text = self.visual = None
         if self.cache is not None:
             self.cache.extend_mask(index, self.new_mask)
-        self.H = layer(hidden, self.full_rope(), self.full_mask(), self.ex.impl, self.cache, index)
+        self.hidden = layer(hidden, self.full_rope(), self.full_mask(), self.ex.impl, self.cache, index)
 
     def text_layer(self, index, layer, cross: bool):
         text, visual = self.split()
@@ -240,7 +243,7 @@ class _State:
                 cache.cross_projections += 1
         if cache is not None:
             cache.extend_mask(index, self.layout.text_valid)
-        self.T = layer(text, self.text_rope(), self.text_mask(), self.ex.impl, cache, index)
+        self.text = layer(text, self.text_rope(), self.text_mask(), self.ex.impl, cache, index)
 
     def mixed_layer(self, index, layer, run_sa):
         """Executing samples run the merged layer, the others the text-only one.
@@ -271,7 +274,7 @@ class _State:
         text[rows] = gather_tokens(merged, sub.text_index)
         visual[rows] = gather_tokens(merged, sub.visual_index)
         text[rest] = text_rest
-        self.T, self.V = text, visual
+        self.text, self.visual = text, visual
         if self.cache is not None:
             valid = self.new_mask.bool().clone()
             valid[rest] = scatter_tokens(torch.zeros_like(valid[rest]), lay.text_index[rest], lay.text_valid[rest])
@@ -286,8 +289,8 @@ class _State:
             mask = valid[:, None, None, :].expand(-1, 1, hidden.shape[1], -1)
             hidden, _ = self.ex.cross[str(index)](hidden, mask, self.ex.impl, visual_kv=(k, v))
         keys = cache.extend_mask(index, self.new_mask)
-        self.H = layer(hidden, self.full_rope(), self._decode_mask(keys, hidden.shape[1]), self.ex.impl, cache, index)
-        self.T = self.V = None
+        self.hidden = layer(hidden, self.full_rope(), self._decode_mask(keys, hidden.shape[1]), self.ex.impl, cache, index)
+        self.text = self.visual = None
 
     @staticmethod
     def _decode_mask(keys: torch.Tensor, new: int) -> torch.Tensor:

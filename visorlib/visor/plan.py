@@ -37,20 +37,12 @@ class LayerPlan:
         self.num_layers = num_layers
         self.dense = cfg is None
         cfg = cfg or VisorConfig(sa_layers=list(range(num_layers)))
+        # The section's own rules (no repeats, no layer both CA and SA, known init, packing >= 1)
+        # were checked when the card was read (VisorConfig); the depth is known only here.
         for name in ("ca_layers", "sa_layers"):
-            layers = getattr(cfg, name)
-            bad = [i for i in layers if not 0 <= i < num_layers]
+            bad = [i for i in getattr(cfg, name) if not 0 <= i < num_layers]
             if bad:
                 raise ConfigError(f"visor.{name}: layers {bad} are out of range for a {num_layers}-layer decoder")
-            if len(set(layers)) != len(layers):
-                raise ConfigError(f"visor.{name}: repeated layers in {layers}")
-        both = sorted(set(cfg.ca_layers) & set(cfg.sa_layers))
-        if both:
-            raise ConfigError(f"visor: layers {both} are both cross-attention and self-attention candidates")
-        if cfg.cross_attention_init not in ("copy", "zero_gate"):
-            raise ConfigError(f"visor.cross_attention_init must be 'copy' or 'zero_gate', got {cfg.cross_attention_init!r}")
-        if cfg.packing_ratio < 1:
-            raise ConfigError(f"visor.packing_ratio must be >= 1 (a reduction), got {cfg.packing_ratio}")
         self.cfg = cfg
         self.ca_layers = sorted(cfg.ca_layers)
         self.sa_layers = sorted(cfg.sa_layers)

@@ -6,15 +6,24 @@ layers, one list per sample). It is parsed **once**, at the entry point, into a
 Everything below the entry point (executor, FLOPs, evaluation) reads that object. What actually
 ran — after the router, if it decided — comes back separately as a :class:`VisorReport` on the
 model's output.
+
+Where ``sa_layers`` is written as *text* — ``visorlib eval --configs``, ``visorlib generate`` and
+``analyze --sa-layers``, the lmms-eval plugin's ``model_args``, the server's request body — it
+follows one grammar, :data:`SA_LAYERS_GRAMMAR`, read by :func:`parse_sa_layers` (several
+configurations) and :func:`parse_configuration` (exactly one). Those functions know no model: they
+turn text into words and layer lists; checking the layers against a plan stays with
+:class:`LayerRequest` and :meth:`~visorlib.visor.plan.LayerPlan.validate`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..validation import LayerChoiceError
 from .plan import LayerPlan, validate_sa_layers
 
 #: How a request's configurations were chosen.
@@ -69,6 +78,85 @@ def layer_mask(configurations, num_layers: int, device: torch.device | str | Non
     for row, config in enumerate(configurations):
         table[row, list(config)] = True
     return table.to(device)
+
+
+#: The one text grammar of ``sa_layers``, quoted by every error about it.
+SA_LAYERS_GRAMMAR = ("a configuration is comma-separated self-attention layers such as '1,4' (or '1-4' where "
+                     "commas cannot be written); several are separated by ';'; the words are 'default', 'all', "
+                     "'none' and 'router'")
+
+#: Words of the grammar that stand for a configuration chosen elsewhere ('none' is the empty list).
+WORDS = ("default", "all", "router")
+
+
+class SaLayersSyntaxError(LayerChoiceError):
+    """Text that is not in the ``sa_layers`` grammar (a :class:`ValueError`; the message quotes the grammar)."""
+
+
+def parse_sa_layers(spec: Any, what: str = "sa_layers") -> list[str | list[int]]:
+    """The configurations named by ``spec``, in order: each ``"default"``, ``"all"``, ``"router"`` or a layer list.
+
+    Args:
+        spec: Text in :data:`SA_LAYERS_GRAMMAR` (``"router;1,4;none"``), None (``"default"``), or a
+            list whose items are such text or lists of layer numbers (what Python callers pass).
+        what: The option or field, for messages (``"--configs"``, ``"sa_layers"``).
+
+    Returns:
+        One item per configuration; ``"none"`` and ``"[]"`` become ``[]``; an empty item (a
+        trailing ``;``) is dropped. Layers are not checked against a model here.
+
+    Raises:
+        SaLayersSyntaxError: An item outside the grammar, or no configuration at all.
+    """
+    if spec is None:
+        return ["default"]
+    items = list(spec) if isinstance(spec, (list, tuple)) else str(spec).split(";")
+    out: list[str | list[int]] = []
+    for item in items:
+        if isinstance(item, str):
+            item = item.strip()
+            if item == "":
+                continue  # "1,4;" is one configuration, not an empty one too
+            if item in WORDS:
+                out.append(item)
+                continue
+            if item in ("none", "[]"):
+                out.append([])  # the configuration that executes no self-attention layer
+                continue
+        out.append(_layer_list(item, what))
+    if not out:
+        raise SaLayersSyntaxError(f"{what} {spec!r} names no configuration; {SA_LAYERS_GRAMMAR}")
+    return out
+
+
+def parse_configuration(spec: Any, what: str = "sa_layers") -> str | list[int] | None:
+    """Exactly one configuration, as ``forward``'s ``sa_layers``: None (the default), ``"all"``, ``"router"`` or layers.
+
+    Raises:
+        SaLayersSyntaxError: ``spec`` is outside the grammar or names several configurations.
+    """
+    if isinstance(spec, (list, tuple)) and not any(isinstance(i, (list, tuple, str)) for i in spec):
+        spec = [spec]  # a plain list of layers is one configuration, not one per item
+    items = parse_sa_layers(spec, what)
+    if len(items) != 1:
+        raise SaLayersSyntaxError(f"{what} {spec!r} names {len(items)} configurations where one is expected; "
+                                  f"{SA_LAYERS_GRAMMAR}")
+    return None if items[0] == "default" else items[0]
+
+
+def _layer_list(item: Any, what: str) -> list[int]:
+    """One layer list: ``"1,4"``, ``"1-4"``, ``"[1, 4]"`` or a list of ints (order kept; the plan sorts)."""
+    if isinstance(item, str):
+        text = item.strip("[] ")
+        parts = [p.strip() for p in text.replace("-", ",").split(",")]
+    elif isinstance(item, Sequence):
+        parts = list(item)
+    else:
+        raise SaLayersSyntaxError(f"{what} {item!r} is not a configuration; {SA_LAYERS_GRAMMAR}")
+    for part in parts:
+        if isinstance(part, bool) or not (isinstance(part, int) or (isinstance(part, str) and part.isdigit())):
+            raise SaLayersSyntaxError(f"{what} {item!r}: {part!r} is not a layer number; {SA_LAYERS_GRAMMAR}")
+    return [int(p) for p in parts]
 
 
 @dataclass

@@ -10,7 +10,6 @@ pseudo-labels (see the training guide); here it only predicts.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -111,7 +110,3 @@ def route_configs(
         )
     return chosen  # type: ignore[return-value]
 
-
-def costliest(plan: LayerPlan, configurations: Sequence[Sequence[int]]) -> list[int]:
-    """The most expensive of several configurations (e.g. forced per question)."""
-    return list(max((sorted(c) for c in configurations), key=plan.cost))

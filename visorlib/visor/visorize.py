@@ -14,7 +14,6 @@ from torch import nn
 
 from ..config import ConfigError, ModelConfig, VisorConfig
 from ..registry import resolve
-from .language_model import attach_visor
 from .plan import LayerPlan
 
 
@@ -41,7 +40,9 @@ def visorize(model: nn.Module, visor: VisorConfig | dict, warn: bool = True) -> 
     cfg.visor = visor
     model.cfg = resolve(cfg)  # the family must support the plan (e.g. token packing)
     device = next(model.parameters()).device
-    attach_visor(model)
+    # The family builds its language model again around the dense decoder it already has (the
+    # same step as at construction, which also widens the projector under token packing).
+    model._finish_init(model.decoder)
     model.to(device)
     model.language_model.init_blocks()
     if warn:

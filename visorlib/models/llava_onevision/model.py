@@ -295,8 +295,9 @@ class LlavaOnevision(VisionLanguageModel):
                 docstring); ``input_ids`` must then hold the reduced counts, as
                 ``processor(..., token_reduction=...)`` writes them. Videos refuse pre-LLM methods.
         """
-        _, in_llm = self.reducers(token_reduction)
+        # The spec is parsed once: the vision path gets its parsed pre-LLM part, the decoder the in-LLM one.
+        pre_llm, in_llm = self.reducers(token_reduction)
         embedded = self.embed_inputs(input_ids, cache, pixel_values, image_sizes, pixel_values_videos, batch_num_images,
-                                     token_reduction)
-        return self.run_language_model(input_ids, embedded, attention_mask, position_ids, labels, cache, logits_to_keep,
-                                       sa_layers, in_llm)
+                                     pre_llm)
+        return self.language_model(input_ids, embedded, attention_mask, position_ids, labels, cache, logits_to_keep,
+                                   sa_layers, in_llm)

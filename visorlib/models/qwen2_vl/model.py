@@ -228,5 +228,5 @@ class Qwen2VL(VisionLanguageModel):
                 "attention it can read; Qwen2-VL's tower has no tiles and merges patches 2x2 before the decoder. "
                 "In-LLM methods (fastv, pyramiddrop) work with this family")
         embedded = self.embed_inputs(input_ids, cache, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-        return self.run_language_model(input_ids, embedded, attention_mask, position_ids, labels, cache, logits_to_keep,
-                                       sa_layers, in_llm)
+        return self.language_model(input_ids, embedded, attention_mask, position_ids, labels, cache, logits_to_keep,
+                                   sa_layers, in_llm)
