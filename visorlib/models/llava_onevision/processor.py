@@ -18,7 +18,14 @@ from ...processing.chat import IMAGE_TOKEN, VIDEO_TOKEN, apply_chat_template
 from ...processing.image import preprocess_images, preprocess_video
 from ...processing.processor import ChatProcessor, group_images, list_videos
 from ...validation import InputError
-from ...visor.reduction import PRE_LLM, Reducer, ReductionSpecError, parse_reduction, pre_llm_tokens
+from ...visor.reduction import (
+    PRE_LLM,
+    Reducer,
+    ReductionSpecError,
+    drops_nothing,
+    parse_reduction,
+    pre_llm_tokens,
+)
 
 
 def reduced_image_tokens(cfg: ModelConfig, reducer: Reducer, tiles: int | Sequence[int]) -> int:
@@ -55,9 +62,14 @@ class LlavaOnevisionProcessor(ChatProcessor):
     # -- token counts (all arithmetic lives in anyres) -------------------------------------------
 
     def pre_llm_reducer(self, token_reduction: object = None) -> Reducer | None:
-        """The pre-LLM method of ``token_reduction`` (None: the card's ``token_reduction``; ``[]``: none)."""
+        """The pre-LLM method of ``token_reduction`` (None: the card's ``token_reduction``; ``[]``: none).
+
+        None as well for one that keeps every token (:func:`~visorlib.visor.reduction.drops_nothing`):
+        the model then lays the image out unreduced, and the counts must follow.
+        """
         spec = self.cfg.token_reduction if token_reduction is None else token_reduction
-        return next((r for r in parse_reduction(spec) if r.where == PRE_LLM), None)
+        reducer = next((r for r in parse_reduction(spec) if r.where == PRE_LLM), None)
+        return None if reducer is None or drops_nothing(reducer, self.cfg.feature_grid_size**2) else reducer
 
     def num_image_tokens(self, image_size: Sequence[int], tiled: bool = True, token_reduction: object = None) -> int:
         """Placeholder tokens for an image of ``(height, width)``.
