@@ -135,3 +135,28 @@ QWEN2_VL_TEMPLATE = (
     "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
     "<|im_start|>assistant\n{% endif %}"
 )
+
+
+def test_video_file_matches_transformers(processors, tmp_path):
+    """A .mp4 path: pixels, grid and placeholder counts equal transformers', all frames and sampled
+    (fps sampling: the index rule is checked against transformers in test_video.py)."""
+    pytest.importorskip("av", reason="PyAV is not installed (pip install 'visorlib[video]')")
+    from transformers.video_utils import load_video
+    from video_helpers import write_mp4
+
+    ours, hf = processors
+    clip = str(write_mp4(tmp_path / "clip.mp4", frames=6, size=(56, 84)))
+    # transformers' processors decode paths with torchcodec (not installed here); its own PyAV
+    # loader gives the frames it would process (test_video.py checks ours equal them).
+    frames, _ = load_video(clip, backend="pyav")
+    prompt = "<|vision_start|><|video_pad|><|vision_end|>What happens?"
+    for sampling in ({}, {"num_frames": 4}):
+        ours.video_num_frames, ours.video_fps = sampling.get("num_frames"), sampling.get("fps")
+        try:
+            got = ours(text=prompt, videos=[clip])
+        finally:
+            ours.video_num_frames = ours.video_fps = None
+        kwargs = {"cap_pixels_per_frame": False, "do_sample_frames": bool(sampling), **sampling}
+        expected = hf(text=prompt, videos=[frames], return_tensors="pt", videos_kwargs=kwargs)
+        for key in ("input_ids", "pixel_values_videos", "video_grid_thw"):
+            assert torch.equal(got[key], expected[key]), (sampling, key)
