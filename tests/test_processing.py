@@ -23,23 +23,11 @@ from visorlib.processing import (
     preprocess_images,
     preprocess_video,
 )
+from visorlib.processing.templates import LLAVA_ONEVISION_TEMPLATE as LLAVA_OV_CHAT_TEMPLATE
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-# The chat template of llava-hf/llava-onevision-* (chat_template.json on the Hub), verbatim as in
-# transformers' tests/models/llava_onevision/test_processing_llava_onevision.py, whose
-# test_chat_template checks it against the hub processor of llava-onevision-qwen2-7b-ov-hf.
-LLAVA_OV_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}{# Render all images first #}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
-    "{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
-    "{{ '<video>' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\\n' + content['text'] }}"
-    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ '\\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}{{'<|im_end|>'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 # Qwen2's pre-tokenizer split pattern, so the toy tokenizer behaves like the real one.
 QWEN_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
