@@ -270,7 +270,8 @@ self_info = {}
 plugin.VisorlibLMM.generate_until = recording
 result = evaluator.simple_evaluate(model="visorlib", model_args=f"pretrained={ckpt},sa_layers=1-4",
                                    tasks=["visor_tiny_chat"], batch_size=2, device="cpu",
-                                   task_manager=TaskManager(include_path=folder), log_samples=True)
+                                   task_manager=TaskManager(include_path=folder), log_samples=True,
+                                   distributed_executor_backend="torchrun")  # gloo on CPU
 rank = int(os.environ["RANK"])
 record = dict(self_info, generated=seen)
 if result is not None:

@@ -118,17 +118,26 @@ def _process_group(device: str) -> tuple[Any, int, int, str]:
 
     Under ``accelerate launch`` / torchrun (``WORLD_SIZE`` > 1) the evaluator splits the documents
     by ``lm.rank`` and pads every rank to the same request count; a model left at rank 0 of 1
-    would score every document on every process. A CUDA device becomes this process's own GPU.
-    A single process builds no accelerator (its process-wide state would pin later settings).
+    would score every document on every process. The accelerator's process group when it has one
+    (``accelerate launch``); otherwise (torchrun on CPU, where lmms-eval's ``torchrun`` executor
+    starts a gloo group) the launcher's ``RANK`` / ``LOCAL_RANK``. A CUDA device becomes this
+    process's own GPU. A single process builds no accelerator (its process-wide state would pin
+    later settings).
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
         return None, 0, 1, device
     from accelerate import Accelerator
 
     accelerator = Accelerator()
+    if accelerator.num_processes > 1:
+        rank, local, world = accelerator.process_index, accelerator.local_process_index, accelerator.num_processes
+    else:
+        accelerator = None
+        rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if str(device).startswith("cuda"):
-        device = f"cuda:{accelerator.local_process_index}"
-    return accelerator, accelerator.process_index, accelerator.num_processes, device
+        device = f"cuda:{local}"
+    return accelerator, rank, world, device
 
 
 class VisorlibLMM(lmms):
