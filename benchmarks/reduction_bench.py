@@ -165,7 +165,10 @@ def main() -> None:
     def ids_for(spec):
         return processor.profile_inputs(image, args.text_tokens, token_reduction=spec)[0] if spec else ids
 
-    rows = [("dense", None, None)] + paper_reduction_rows(model.plan, True, cfg.feature_grid_size**2)
+    # keep=1.0 is no reduction (visorlib.visor.reduction.drops_nothing): the row must match dense in
+    # tokens and FLOPs, so an accuracy- or time-vs-keep curve starts at the unreduced point.
+    unreduced = ("visionzip keep=1.0 (unreduced)", {"method": "visionzip", "keep": 1.0}, None)
+    rows = [("dense", None, None), unreduced] + paper_reduction_rows(model.plan, True, cfg.feature_grid_size**2)
     batches = [int(b) for b in args.batches.split(",")]
     results = measure(model, rows, ids_for, vision, tiles, batches, args.repeats, log)
     print(f"\n{'row':34s} {'vis':>5s} " + " ".join(

@@ -138,6 +138,28 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert torch.equal(text_logits(visorlib.from_pretrained(tmp_path)), text_logits(old))
 
 
+def test_large_weights_are_sharded_and_a_resave_leaves_no_stale_file(tmp_path):
+    """Shards cut by huggingface_hub's rule, each written atomically; the files of the previous
+    layout (single file -> shards -> fewer shards -> single file) are gone after each save."""
+    model = tiny_model(seed=3)
+    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and index["metadata"]["total_size"] > 0
+    on_disk = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert on_disk == shards and "model.safetensors" not in on_disk
+    assert set(index["weight_map"]) == set(load_file(tmp_path / shards[0])) | {
+        k for name in shards[1:] for k in load_file(tmp_path / name)}
+    assert torch.equal(text_logits(visorlib.from_pretrained(tmp_path)), text_logits(model))
+    model.save_pretrained(tmp_path, max_shard_size="300KB")
+    fewer = sorted(set(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    assert len(fewer) < len(shards) and sorted(p.name for p in tmp_path.glob("*.safetensors")) == fewer
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "visorlib.json"]
+    assert torch.equal(text_logits(visorlib.from_pretrained(tmp_path)), text_logits(model))
+
+
 def fake_hub_cache(cache: Path, repo_id: str, source: Path) -> None:
     """Lay out ``source`` as huggingface_hub's cache would hold a downloaded snapshot."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"

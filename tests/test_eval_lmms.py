@@ -147,4 +147,4 @@ def test_loglikelihood_marks_the_greedy_answer_as_greedy(tmp_path):
     # Generation through the plugin gives the same answer as visorlib eval's generate_batch.
     gen = SimpleNamespace(args=(texts[row], {"max_new_tokens": 3, "until": []}, lambda doc: [doc["image"]], row,
                                 "t", "s"))
-    assert lmm.generate_until([gen]) == [greedy[row].text]
+    assert [r.text for r in lmm.generate_until([gen])] == [greedy[row].text]

@@ -17,6 +17,7 @@ from PIL import Image
 import visorlib
 from visorlib.models.qwen2_vl import Qwen2VLProcessor
 from visorlib.processing import Tokenizer
+from visorlib.processing.templates import QWEN2_VL_TEMPLATE
 
 transformers = pytest.importorskip("transformers")
 
@@ -122,16 +123,28 @@ def test_chat_template_matches_the_hub_template(processors):
     assert ours.apply_chat_template(messages, add_generation_prompt=False, add_vision_id=True) == with_ids
 
 
-# chat_template.json of Qwen/Qwen2-VL-2B-Instruct, verbatim.
-QWEN2_VL_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
-    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
-    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
-    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
-    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
-    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
-    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
-    "<|im_start|>assistant\n{% endif %}"
-)
+
+
+def test_video_file_matches_transformers(processors, tmp_path):
+    """A .mp4 path: pixels, grid and placeholder counts equal transformers', all frames and sampled
+    (fps sampling: the index rule is checked against transformers in test_video.py)."""
+    pytest.importorskip("av", reason="PyAV is not installed (pip install 'visorlib[video]')")
+    from transformers.video_utils import load_video
+    from video_helpers import write_mp4
+
+    ours, hf = processors
+    clip = str(write_mp4(tmp_path / "clip.mp4", frames=6, size=(56, 84)))
+    # transformers' processors decode paths with torchcodec (not installed here); its own PyAV
+    # loader gives the frames it would process (test_video.py checks ours equal them).
+    frames, _ = load_video(clip, backend="pyav")
+    prompt = "<|vision_start|><|video_pad|><|vision_end|>What happens?"
+    for sampling in ({}, {"num_frames": 4}):
+        ours.video_num_frames, ours.video_fps = sampling.get("num_frames"), sampling.get("fps")
+        try:
+            got = ours(text=prompt, videos=[clip])
+        finally:
+            ours.video_num_frames = ours.video_fps = None
+        kwargs = {"cap_pixels_per_frame": False, "do_sample_frames": bool(sampling), **sampling}
+        expected = hf(text=prompt, videos=[frames], return_tensors="pt", videos_kwargs=kwargs)
+        for key in ("input_ids", "pixel_values_videos", "video_grid_thw"):
+            assert torch.equal(got[key], expected[key]), (sampling, key)

@@ -23,23 +23,11 @@ from visorlib.processing import (
     preprocess_images,
     preprocess_video,
 )
+from visorlib.processing.templates import LLAVA_ONEVISION_TEMPLATE as LLAVA_OV_CHAT_TEMPLATE
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-# The chat template of llava-hf/llava-onevision-* (chat_template.json on the Hub), verbatim as in
-# transformers' tests/models/llava_onevision/test_processing_llava_onevision.py, whose
-# test_chat_template checks it against the hub processor of llava-onevision-qwen2-7b-ov-hf.
-LLAVA_OV_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}{# Render all images first #}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
-    "{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
-    "{{ '<video>' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\\n' + content['text'] }}"
-    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ '\\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}{{'<|im_end|>'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 # Qwen2's pre-tokenizer split pattern, so the toy tokenizer behaves like the real one.
 QWEN_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -364,3 +352,32 @@ def test_bad_inputs_raise_clear_errors(proc, cfg, tok):
         LlavaOnevisionProcessor(wrong, tok)
     with pytest.raises(ValueError, match="unknown type 'audio'"):
         apply_chat_template([{"role": "user", "content": [{"type": "audio"}]}])
+
+
+def test_video_file_matches_hf(proc, hf_proc, cfg, tmp_path):
+    """A .mp4 path: decoded frames, pixel tensors and placeholder count equal transformers'."""
+    pytest.importorskip("av", reason="PyAV is not installed (pip install 'visorlib[video]')")
+    from transformers.video_utils import load_video
+    from video_helpers import write_mp4
+
+    clip = str(write_mp4(tmp_path / "clip.mp4", frames=5))
+    # transformers' processors decode paths with torchcodec (not installed here); its own PyAV
+    # loader gives the frames it would process (test_video.py checks ours equal them).
+    frames, _ = load_video(clip, backend="pyav")
+    ours = proc("<video>\nWhat happens?", videos=[clip])
+    theirs = hf_proc(text="<video>\nWhat happens?", videos=[frames], return_tensors="pt")
+    _assert_same(theirs, ours, ["input_ids", "attention_mask", "pixel_values_videos"])
+    assert int((ours["input_ids"] == cfg.tokens.video_token_id).sum()) == proc.num_video_tokens(5)
+    # num_frames samples as transformers does (do_sample_frames with num_frames).
+    proc.video_num_frames = 2
+    try:
+        sampled = proc("<video>\nWhat happens?", videos=clip)
+    finally:
+        proc.video_num_frames = None
+    expected = hf_proc(text="<video>\nWhat happens?", videos=[frames], return_tensors="pt",
+                       videos_kwargs={"do_sample_frames": True, "num_frames": 2})
+    _assert_same(expected, sampled, ["input_ids", "pixel_values_videos"])
+    # A chat message part with a path reaches the same tensors.
+    chat = proc.chat([{"role": "user", "content": [{"type": "video", "path": clip},
+                                                   {"type": "text", "text": "What happens?"}]}])
+    assert torch.equal(chat["pixel_values_videos"], ours["pixel_values_videos"])

@@ -1,8 +1,8 @@
 """Pre-LLM token reduction (VisionZip, VisPruner, HiRED, pooling) inside LLaVA-OneVision and FastVLM.
 
-What is checked: keeping every token reproduces the unreduced logits exactly where the layout
-allows (single-tile images: multi-image samples and FastVLM) and, for anyres images, gives the
-documented reduced layout (tiles' tokens in tile order, base first, one newline); the rows the
+What is checked: keeping every token (keep 1.0, or a tile's full count) is no reduction and
+reproduces the unreduced logits exactly, for single-tile and anyres images alike; a reduced
+anyres image has the documented layout (tiles' tokens in tile order, base first, one newline); the rows the
 model writes equal the phase-1 functions' choice on the model's own tower; a padded batch whose
 samples keep different counts (HiRED) equals each sample alone; the processor's counts (per call
 and from the card) drive generate; VISOR and VISOR-TR packing compose with a reducer; bad inputs
@@ -18,6 +18,7 @@ import torch
 from visor_helpers import batch, build, row_inputs, sample, tiny_cfg, word_tokenizer
 
 import visorlib
+from visorlib.flops import prefill_flops
 from visorlib.models.llava_onevision import LlavaOnevisionProcessor
 from visorlib.processing import anyres
 from visorlib.visor.reduction import (
@@ -74,20 +75,40 @@ def test_keep_all_reproduces_unreduced_logits_for_single_tile_images(method):
     assert reduced.shape[1] < base.shape[1]
 
 
-@pytest.mark.parametrize("method", list(KEEP_ALL))
-def test_keep_all_on_an_anyres_image_is_the_tiles_in_order_then_one_newline(method):
+@pytest.mark.parametrize("spec", [*KEEP_ALL.values(), {"method": "visionzip", "keep": 25},
+                                  {"method": "pooling", "keep": 25}], ids=[*KEEP_ALL, "visionzip-25", "pooling-25"])
+def test_keep_all_on_an_anyres_image_is_the_unreduced_model(spec):
+    """A reducer that drops nothing (keep 1.0, or the tile's 25 tokens) is no reduction: the anyres
+    image keeps its unpadded grid with row newlines, the processor counts the unreduced tokens, the
+    logits are the unreduced model's bit for bit, and FLOPs charge no scoring pass."""
+    model = dense_model()
+    size = (60, 90)
+    proc = LlavaOnevisionProcessor(model.cfg)
+    assert proc.num_image_tokens(size, token_reduction=spec) == proc.num_image_tokens(size, token_reduction=[])
+    inputs = image_prompt(model, [size], spec)
+    with torch.no_grad():
+        base = model(**inputs, token_reduction=[]).logits
+        same = model(**inputs, token_reduction=spec).logits
+    assert torch.equal(base, same)
+    n_visual = proc.num_image_tokens(size, token_reduction=[])
+    tiles = anyres.num_tiles(size, model.cfg.processing.pinpoints(30), 30)
+    plain = prefill_flops(model.cfg, n_visual, 8, tiles)
+    kept = prefill_flops(model.cfg, n_visual, 8, tiles, token_reduction=spec)
+    assert kept.total == plain.total and "vision_scoring" not in kept.components
+
+
+@pytest.mark.parametrize("method", list(SPECS))
+def test_a_reduced_anyres_image_is_the_tiles_in_order_then_one_newline(method):
     """No grid survives selection: a reduced image is base tile, tiles row-major, one newline (no unpad)."""
     model = dense_model()
     size = (60, 90)
     n_tiles = anyres.num_tiles(size, model.cfg.processing.pinpoints(30), 30)
     proc = LlavaOnevisionProcessor(model.cfg)
-    assert proc.num_image_tokens(size, token_reduction=KEEP_ALL[method]) == n_tiles * 25 + 1
     pixels = torch.randn(1, n_tiles, 3, 30, 30)
     with torch.no_grad():
-        (image,) = model.encode_images(pixels, torch.tensor([size]), reducer=model.reducers(KEEP_ALL[method])[0][0])
-        tiles = model.projector(model.vision_tower(pixels[0]))
-    expected = torch.cat([tiles.flatten(0, 1), model.image_newline[None]])
-    torch.testing.assert_close(image, expected, atol=1e-6, rtol=1e-6)
+        (image,) = model.encode_images(pixels, torch.tensor([size]), reducer=model.reducers(SPECS[method])[0][0])
+    assert image.shape[0] == proc.num_image_tokens(size, token_reduction=SPECS[method])
+    torch.testing.assert_close(image[-1], model.image_newline, atol=0, rtol=0)
 
 
 def manual_rows(model, pixels, size, name, spec):

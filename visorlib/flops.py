@@ -34,6 +34,7 @@ from .visor.reduction import (
     ReductionSpecError,
     VisionZip,
     VisPruner,
+    drops_nothing,
     parse_reduction,
     pre_llm_tokens,
     prune_points,
@@ -179,10 +180,12 @@ def prefill_flops(
     pre = next((r for r in reducers if r.where == PRE_LLM), None)
     in_llm = [r for r in reducers if r.where == IN_LLM]
     family = family_of(cfg)
+    if pre is not None and family.pre_llm_tokens is None:
+        raise ReductionSpecError(f"token_reduction: {pre.name} is a pre-LLM method, which {cfg.name} does not run")
     all_tiles = sum(_image_tiles(tiles)) if pre is not None else tiles
+    if pre is not None and drops_nothing(pre, cfg.feature_grid_size**2):
+        pre = None  # the model runs no reducer then (no scoring) and keeps the unreduced layout
     if pre is not None:
-        if family.pre_llm_tokens is None:
-            raise ReductionSpecError(f"token_reduction: {pre.name} is a pre-LLM method, which {cfg.name} does not run")
         n_visual = family.pre_llm_tokens(cfg, pre, tiles)
     visual = tokens_per_layer(in_llm, n_visual, dec.num_layers)
     report = FlopReport(n_visual=n_visual, n_text=n_text)

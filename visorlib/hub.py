@@ -270,8 +270,53 @@ def atomic_save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata=metadata)
 
 
+def _stale_shards(folder: Path) -> set[Path]:
+    """The shard files a previous sharded save left (named by its index), to delete once replaced."""
+    index = folder / SAFETENSORS_INDEX
+    if not index.is_file():
+        return set()
+    try:
+        return set(weight_files(folder))
+    except CheckpointError:  # a broken old index: its shards cannot be named, leave them
+        return set()
+
+
+def write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str = "5GB") -> list[str]:
+    """Save ``state`` as ``model.safetensors``, or as shards plus their index when it is larger
+    than ``max_shard_size``; returns the file names written.
+
+    How to cut the shards (and keep tensors that share storage together) is
+    ``huggingface_hub.split_torch_state_dict_into_shards``, the rule transformers' own
+    ``save_pretrained`` follows, so the files and index are what the Hub and its loaders expect.
+    What huggingface_hub's ``save_torch_state_dict`` would not give is visorlib's atomic writes:
+    each shard, then the index, goes to a temporary name and is renamed into place, and the
+    files of the previous save that the new one does not name are removed only after the new
+    index is in place. A crash therefore leaves the old checkpoint or the new one, never a mix.
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_size)
+    metadata = {"format": "pt", "producer": "visorlib"}
+    old = _stale_shards(folder) | {folder / SAFETENSORS}
+    if not split.is_sharded:
+        (folder / SAFETENSORS_INDEX).unlink(missing_ok=True)
+        atomic_save_safetensors(state, folder / SAFETENSORS, metadata)
+    else:
+        for name, keys in split.filename_to_tensors.items():
+            atomic_save_safetensors({k: state[k] for k in keys}, folder / name, metadata)
+        atomic_write_json(folder / SAFETENSORS_INDEX,
+                          {"metadata": {**split.metadata, **metadata}, "weight_map": split.tensor_to_filename})
+    written = sorted(split.filename_to_tensors)
+    for stale in old - {folder / name for name in written}:
+        stale.unlink(missing_ok=True)
+    return written + ([SAFETENSORS_INDEX] if split.is_sharded else [])
+
+
 def write_checkpoint(
-    state: dict[str, torch.Tensor], cfg, directory: str | os.PathLike, extra_files: dict[str, bytes] | None = None
+    state: dict[str, torch.Tensor], cfg, directory: str | os.PathLike, extra_files: dict[str, bytes] | None = None,
+    max_shard_size: int | str = "5GB",
 ) -> Path:
     """Write a visorlib checkpoint folder: weights first, config last, each atomically.
 
@@ -284,11 +329,12 @@ def write_checkpoint(
         directory: The folder (created if needed).
         extra_files: Other files by name (tokenizer, model card), written after the weights and
             before ``visorlib.json``.
+        max_shard_size: Above this the weights are split into shards with an index
+            (``"5GB"``, as transformers; an int is bytes).
     """
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / SAFETENSORS_INDEX).unlink(missing_ok=True)
-    atomic_save_safetensors(state, folder / SAFETENSORS, {"format": "pt", "producer": "visorlib"})
+    write_weights(state, folder, max_shard_size)
     for name, data in (extra_files or {}).items():
         atomic_write_bytes(folder / name, data)
     atomic_write_json(folder / VISORLIB_CONFIG, {"format": "visorlib", "version": FORMAT_VERSION, "config": cfg.to_dict()})
@@ -360,7 +406,8 @@ class PretrainedMixin:
     """``save_pretrained`` / ``push_to_hub`` for models that carry a ``cfg`` (:class:`ModelConfig`)."""
 
     def save_pretrained(
-        self, directory: str | os.PathLike, tokenizer: Any = None, model_card: bool = False, repo_id: str | None = None
+        self, directory: str | os.PathLike, tokenizer: Any = None, model_card: bool = False, repo_id: str | None = None,
+        max_shard_size: int | str = "5GB",
     ) -> Path:
         """Write a checkpoint folder that :func:`visorlib.from_pretrained` loads back.
 
@@ -374,6 +421,7 @@ class PretrainedMixin:
             tokenizer: A :class:`~visorlib.processing.Tokenizer` or a processor (``processor_for(model)``).
             model_card: Also write a ``README.md`` model card (:meth:`push_to_hub` always does).
             repo_id: The Hub repository the card's loading example names.
+            max_shard_size: Larger weights are written as shards plus ``model.safetensors.index.json``.
         """
         state = self.state_dict()
         if any(t.is_meta for t in state.values()):
@@ -382,7 +430,7 @@ class PretrainedMixin:
         if model_card:
             names = [SAFETENSORS, *files, VISORLIB_CONFIG]
             files["README.md"] = render_model_card(self, repo_id, names).encode()
-        return write_checkpoint(state, self.cfg, directory, files)
+        return write_checkpoint(state, self.cfg, directory, files, max_shard_size)
 
     def push_to_hub(
         self, repo_id: str, private: bool = False, commit_message: str = "Upload visorlib model", tokenizer: Any = None

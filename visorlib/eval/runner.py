@@ -52,12 +52,13 @@ log = logging.getLogger("visorlib.eval")
 # -- encoding and generation (shared with the lmms-eval plugin) --------------------------------------
 
 
-def encode_prompt(processor, question: str, images: Sequence[Any], token_reduction: Any = None) -> dict[str, Any]:
-    """One user turn (LLaVA data style, ``<image>`` placeholders) + the generation prompt, unpadded.
+def encode_prompt(processor, question: str, images: Sequence[Any], token_reduction: Any = None,
+                  videos: Sequence[Any] = ()) -> dict[str, Any]:
+    """One user turn (LLaVA data style, ``<image>`` / ``<video>`` placeholders) + the generation prompt, unpadded.
 
     ``token_reduction``: the spec the model will run (None: the card's), for the placeholder counts.
     """
-    sample = processor.encode_turns([("user", question)], images, token_reduction=token_reduction)
+    sample = processor.encode_turns([("user", question)], images, videos, token_reduction=token_reduction)
     sample.pop("labels")
     head = torch.tensor(processor.tokenizer.encode(f"{IM_START}assistant\n"), dtype=torch.long)
     sample["input_ids"] = torch.cat([sample["input_ids"], head])
@@ -89,8 +90,9 @@ class Generated:
 
 @torch.inference_mode()
 def generate_batch(model, processor, encoded: list[dict[str, Any]], sa_layers: Any, max_new_tokens: int,
-                   stop: Sequence[str] = (), token_reduction: Any = None) -> list[Generated]:
-    """Greedy answers for a batch of :func:`encode_prompt` outputs.
+                   stop: Sequence[str] = (), token_reduction: Any = None,
+                   sampling: dict[str, Any] | None = None) -> list[Generated]:
+    """Answers for a batch of :func:`encode_prompt` outputs (greedy unless ``sampling`` says otherwise).
 
     Args:
         model: A visorlib model.
@@ -100,6 +102,8 @@ def generate_batch(model, processor, encoded: list[dict[str, Any]], sa_layers: A
         max_new_tokens: Longest answer.
         stop: Strings that end an answer (the text is cut before the first one).
         token_reduction: The spec to run (None: the card's); ``encoded`` must be counted under it.
+        sampling: :meth:`~visorlib.generation.GenerationMixin.generate` options (``do_sample``,
+            ``temperature``, ``top_p``, ``top_k``, ``generator``); None decodes greedily.
     """
     pad = processor.tokenizer.pad_token_id
     batch = left_padded_batch(encoded, model.cfg.tokens.pad_token_id if pad is None else pad,
@@ -116,7 +120,8 @@ def generate_batch(model, processor, encoded: list[dict[str, Any]], sa_layers: A
     device = batch["input_ids"].device
     synchronize(device)
     started = time.perf_counter()
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, sa_layers=sa_layers, token_reduction=token_reduction)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, sa_layers=sa_layers, token_reduction=token_reduction,
+                         **(sampling or {}))
     synchronize(device)
     seconds = (time.perf_counter() - started) / len(encoded)
     length = batch["input_ids"].shape[1]

@@ -28,9 +28,12 @@ import torch
 from PIL import Image
 
 from ..config import ModelConfig
+from ..hub import looks_local
 from ..validation import InputError
 from .chat import IM_END, IM_START, IMAGE_TOKEN, VIDEO_TOKEN, media_in_messages
+from .templates import builtin_template, load_chat_template, render_chat_template
 from .tokenizer import Tokenizer
+from .video import decode_video, uniform_indices
 
 ROUTE_TOKEN = "<route>"
 _USER_TURN_END = re.compile(r"(<\|im_start\|>user.*?)(<\|im_end\|>)", re.DOTALL)
@@ -77,9 +80,11 @@ def group_images(images: Any, counts: list[int]) -> list[list[Any]]:
 
 
 def list_videos(videos: Any) -> list[Any]:
-    """Videos as a list: a 4-D array/tensor or a list of frames is one video."""
+    """Videos as a list: a 4-D array/tensor, a list of frames or one file path is one video."""
     if videos is None:
         return []
+    if isinstance(videos, (str, os.PathLike)):
+        return [videos]
     if isinstance(videos, (np.ndarray, torch.Tensor)):
         return list(videos) if videos.ndim == 5 else [videos]
     if not isinstance(videos, (list, tuple)):
@@ -92,13 +97,17 @@ def list_videos(videos: Any) -> list[Any]:
 class ChatProcessor:
     """What every family's processor shares: tokenizer, routing token, padding, chat, decoding.
 
-    A family's processor subclasses it and adds its image pipeline (``__call__``), its
-    placeholder expansion and its chat template (``apply_chat_template``); ``image_token`` and
-    ``video_token`` name its placeholder tokens.
+    A family's processor subclasses it and adds its image pipeline (``__call__``) and its
+    placeholder expansion; ``image_token`` and ``video_token`` name its placeholder tokens. Prompts
+    are rendered from the checkpoint's own chat template when it has one
+    (:meth:`from_pretrained` reads it), the card's built-in template otherwise
+    (:mod:`~visorlib.processing.templates`).
 
     Args:
         cfg: The model's configuration (token ids, image preprocessing).
         tokenizer: The model's tokenizer; may be None to preprocess pixels only.
+        chat_template: A Jinja chat template (None: the built-in one ``cfg.tokens.chat_template`` names).
+        chat_template_source: Where ``chat_template`` came from, for error messages.
 
     Raises:
         ValueError: The tokenizer's image / video placeholder ids differ from ``cfg.tokens``.
@@ -113,10 +122,21 @@ class ChatProcessor:
     turn_open = IM_START + "{role} "
     turn_close = IM_END
     default_system: str | None = None
+    # How the family's transformers video processor picks frames when asked to sample (.video).
+    sample_video_indices = staticmethod(uniform_indices)
 
-    def __init__(self, cfg: ModelConfig, tokenizer: Tokenizer | None = None):
+    def __init__(self, cfg: ModelConfig, tokenizer: Tokenizer | None = None, chat_template: str | None = None,
+                 chat_template_source: str | None = None):
         self.cfg = cfg
         self.tokenizer = tokenizer
+        if chat_template is None:
+            chat_template = builtin_template(cfg.tokens.chat_template)
+            chat_template_source = f"the built-in {cfg.tokens.chat_template!r} chat template"
+        self.chat_template = chat_template
+        self.chat_template_source = chat_template_source or "the chat template"
+        # Frame sampling of video files (None and None: every frame, transformers' default).
+        self.video_num_frames: int | None = None
+        self.video_fps: float | None = None
         if tokenizer is not None:
             expected = {self.image_token: cfg.tokens.image_token_id, self.video_token: cfg.tokens.video_token_id}
             for token, token_id in expected.items():
@@ -131,12 +151,47 @@ class ChatProcessor:
     def from_pretrained(cls, cfg: ModelConfig, path_or_hub_id: str | os.PathLike, **kwargs: Any) -> ChatProcessor:
         """Build with the tokenizer of a local directory or Hub repository.
 
+        A local folder's own chat template (``chat_template.jinja``, or ``chat_template`` in
+        ``chat_template.json`` / ``tokenizer_config.json``) replaces the card's built-in one.
+
         Args:
             cfg: The model's configuration.
             path_or_hub_id: Where ``tokenizer.json`` lives (see :meth:`Tokenizer.from_pretrained`).
             **kwargs: Passed on to :meth:`Tokenizer.from_pretrained` (``revision``, ``eos_token``...).
         """
-        return cls(cfg, Tokenizer.from_pretrained(path_or_hub_id, **kwargs))
+        tokenizer = Tokenizer.from_pretrained(path_or_hub_id, **kwargs)
+        found = load_chat_template(path_or_hub_id) if looks_local(path_or_hub_id) else None
+        return cls(cfg, tokenizer, *(found or (None, None)))
+
+    def load_video(self, path: str | os.PathLike, num_frames: int | None = None, fps: float | None = None):
+        """A video file decoded into ``[frames, H, W, 3]`` uint8, sampled by the family's rule
+        (``num_frames`` / ``fps``, default: the processor's ``video_num_frames`` / ``video_fps``)."""
+        if num_frames is None and fps is None:
+            num_frames, fps = self.video_num_frames, self.video_fps
+        return decode_video(path, num_frames, fps, self.sample_video_indices)
+
+    def videos_of(self, videos: Any) -> list[Any]:
+        """:func:`list_videos` with every file path decoded (:meth:`load_video`)."""
+        return [self.load_video(v) if isinstance(v, (str, os.PathLike)) else v for v in list_videos(videos)]
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]] | Mapping[str, Any],
+                            add_generation_prompt: bool = True, **variables: Any) -> str:
+        """The prompt for ``messages``, rendered with this processor's chat template in a sandbox.
+
+        Args:
+            messages: ``[{"role": ..., "content": [{"type": "image"}, {"type": "text", "text": ...}]}]``;
+                string content is one text part.
+            add_generation_prompt: End with the assistant turn's header so the model answers next.
+            **variables: More template variables (``add_vision_id=True`` for Qwen2-VL's template).
+
+        Raises:
+            ChatTemplateError: The template is refused by the sandbox or fails (naming its file).
+            ValueError: Malformed messages.
+        """
+        if self.tokenizer is not None:
+            variables = {"eos_token": self.tokenizer.eos_token, "pad_token": self.tokenizer.pad_token, **variables}
+        return render_chat_template(self.chat_template, messages, add_generation_prompt,
+                                    source=self.chat_template_source, **variables)
 
     def __call__(
         self,

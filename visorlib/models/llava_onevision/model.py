@@ -14,6 +14,8 @@ kept tokens in tile order (base tile first, then the grid tiles row-major; withi
 their original row-major order), followed by one ``image_newline``. Unpadding and anyres'
 bilinear downscale do not apply (the paper disabled the downscale too), so the token count
 depends only on the spec and the tile count (:func:`~visorlib.visor.reduction.pre_llm_tokens`).
+A reducer that keeps every token (``keep: 1.0``, :func:`~visorlib.visor.reduction.drops_nothing`)
+is no reduction: the image keeps the unreduced layout, so the logits are the unreduced model's.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from ...modules.cache import KVCache
 from ...processing import anyres
 from ...registry import build_vision_tower
 from ...validation import require_tensor
-from ...visor.reduction import Reducer, ReductionSpecError, encode_and_reduce
+from ...visor.reduction import Reducer, ReductionSpecError, drops_nothing, encode_and_reduce
 from ..base import Embedded, InputError, Media, ModelOutput, VisionLanguageModel
 
 
@@ -236,7 +238,8 @@ class LlavaOnevision(VisionLanguageModel):
             the batch's images, then its videos, on their tokens (-1 elsewhere).
         """
         pre_llm, _ = self.reducers(token_reduction)
-        reducer = pre_llm[0] if pre_llm else None
+        # A reducer that keeps every token is no reduction: the unreduced layout, row newlines and all.
+        reducer = pre_llm[0] if pre_llm and not drops_nothing(pre_llm[0], self.cfg.feature_grid_size**2) else None
         # A processor that expanded the placeholders under another spec is the likely cause of a mismatch.
         hint = "" if reducer is None else (f" under token_reduction {reducer.name} (keep={reducer.keep}); the processor "
                                            "must be called with the same token_reduction")

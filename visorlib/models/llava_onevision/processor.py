@@ -7,18 +7,25 @@ prepared (all the tiling arithmetic lives in :mod:`visorlib.processing.anyres`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from ...config import ModelConfig
 from ...processing import anyres
-from ...processing.chat import IMAGE_TOKEN, VIDEO_TOKEN, apply_chat_template
+from ...processing.chat import IMAGE_TOKEN, VIDEO_TOKEN
 from ...processing.image import preprocess_images, preprocess_video
-from ...processing.processor import ChatProcessor, group_images, list_videos
+from ...processing.processor import ChatProcessor, group_images
 from ...validation import InputError
-from ...visor.reduction import PRE_LLM, Reducer, ReductionSpecError, parse_reduction, pre_llm_tokens
+from ...visor.reduction import (
+    PRE_LLM,
+    Reducer,
+    ReductionSpecError,
+    drops_nothing,
+    parse_reduction,
+    pre_llm_tokens,
+)
 
 
 def reduced_image_tokens(cfg: ModelConfig, reducer: Reducer, tiles: int | Sequence[int]) -> int:
@@ -55,9 +62,14 @@ class LlavaOnevisionProcessor(ChatProcessor):
     # -- token counts (all arithmetic lives in anyres) -------------------------------------------
 
     def pre_llm_reducer(self, token_reduction: object = None) -> Reducer | None:
-        """The pre-LLM method of ``token_reduction`` (None: the card's ``token_reduction``; ``[]``: none)."""
+        """The pre-LLM method of ``token_reduction`` (None: the card's ``token_reduction``; ``[]``: none).
+
+        None as well for one that keeps every token (:func:`~visorlib.visor.reduction.drops_nothing`):
+        the model then lays the image out unreduced, and the counts must follow.
+        """
         spec = self.cfg.token_reduction if token_reduction is None else token_reduction
-        return next((r for r in parse_reduction(spec) if r.where == PRE_LLM), None)
+        reducer = next((r for r in parse_reduction(spec) if r.where == PRE_LLM), None)
+        return None if reducer is None or drops_nothing(reducer, self.cfg.feature_grid_size**2) else reducer
 
     def num_image_tokens(self, image_size: Sequence[int], tiled: bool = True, token_reduction: object = None) -> int:
         """Placeholder tokens for an image of ``(height, width)``.
@@ -124,7 +136,7 @@ class LlavaOnevisionProcessor(ChatProcessor):
             out.update(preprocess_images(flat_images, self.cfg, tiled=tiled))
             out["batch_num_images"] = torch.tensor([len(g) for g in groups if g], dtype=torch.long)
 
-        video_list = list_videos(videos)
+        video_list = self.videos_of(videos)
         if texts is not None:
             placed = sum(t.count(VIDEO_TOKEN) for t in texts)
             if placed != len(video_list):
@@ -146,11 +158,6 @@ class LlavaOnevisionProcessor(ChatProcessor):
         return out, image_counts, video_counts
 
     # -- conveniences -----------------------------------------------------------------------------
-
-    @staticmethod
-    def apply_chat_template(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-        """The llava-onevision-hf prompt for ``messages`` (see :func:`.chat.apply_chat_template`)."""
-        return apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
 
     def profile_inputs(
         self, image: Any, n_text: int, seed: int = 0, token_reduction: object = None

@@ -29,15 +29,16 @@ visual runs itself and would reject the extra key), and images may be nested per
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from ...config import ModelConfig
-from ...processing.chat import QWEN2_VL_SYSTEM, apply_qwen2_vl_chat_template
+from ...processing.chat import QWEN2_VL_SYSTEM
 from ...processing.image import _frames_tensor, _normalize, to_chw_tensor, tvF
-from ...processing.processor import ChatProcessor, list_videos
+from ...processing.processor import ChatProcessor
+from ...processing.video import qwen2_vl_indices
 from ...validation import InputError
 
 IMAGE_PAD = "<|image_pad|>"
@@ -148,6 +149,7 @@ class Qwen2VLProcessor(ChatProcessor):
     turn_open = "<|im_start|>{role}\n"
     turn_close = "<|im_end|>\n"
     default_system = QWEN2_VL_SYSTEM
+    sample_video_indices = staticmethod(qwen2_vl_indices)
 
     def _tokens_of(self, grid: Sequence[int]) -> int:
         return math.prod(grid) // self.cfg.vision.spatial_merge_size**2
@@ -185,7 +187,7 @@ class Qwen2VLProcessor(ChatProcessor):
             are given), ``pixel_values_videos`` and ``video_grid_thw`` (when videos are given);
             then the token counts.
         """
-        image_list, video_list = _flat_images(images), list_videos(videos)
+        image_list, video_list = _flat_images(images), self.videos_of(videos)
         if texts is not None:
             for token, given in ((IMAGE_PAD, image_list), (VIDEO_PAD, video_list)):
                 placed = sum(t.count(token) for t in texts)
@@ -199,13 +201,6 @@ class Qwen2VLProcessor(ChatProcessor):
         counts = [[self._tokens_of(g) for g in out.get(f"{kind}_grid_thw", torch.empty(0, 3)).tolist()]
                   for kind in ("image", "video")]
         return out, *counts
-
-    @staticmethod
-    def apply_chat_template(
-        messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, add_vision_id: bool = False
-    ) -> str:
-        """The Qwen2-VL prompt for ``messages`` (see :func:`.chat.apply_qwen2_vl_chat_template`)."""
-        return apply_qwen2_vl_chat_template(messages, add_generation_prompt, add_vision_id)
 
     def profile_inputs(self, image: Any, n_text: int, seed: int = 0,
                        token_reduction: object = None) -> tuple[torch.Tensor, dict[str, Any], int]:

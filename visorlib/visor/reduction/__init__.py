@@ -6,7 +6,7 @@ in LLaVA-OneVision's vision path (:mod:`visorlib.models.llava_onevision.model`),
 the VISOR executor (:mod:`visorlib.visor.pruning`); :mod:`visorlib.flops` reads the accounting.
 """
 
-from .budget import pre_llm_tokens, tokens_per_layer, tokens_per_layer_batch
+from .budget import drops_nothing, pre_llm_tokens, tokens_per_layer, tokens_per_layer_batch
 from .in_llm import PrunePoint, fastv_select, keep_counts, prune_points, pyramiddrop_select, select_top, take
 from .pre_llm import (
     PackedCapture,
@@ -63,6 +63,7 @@ __all__ = [
     "fastv_select",
     "hired",
     "hired_budgets",
+    "drops_nothing",
     "keep_counts",
     "list_reducers",
     "parse_reduction",

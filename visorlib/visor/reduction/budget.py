@@ -35,6 +35,24 @@ def pre_llm_tokens(spec: Reducer, tile_tokens: int, n_tiles: int = 1) -> int:
     return n_tiles * resolve_keep(spec.keep, tile_tokens, "a tile")
 
 
+def drops_nothing(spec: Reducer, tile_tokens: int) -> bool:
+    """Whether a pre-LLM reducer keeps every token of every tile: ``keep: 1.0``, or a per-tile count
+    equal to the tile's ``tile_tokens``.
+
+    Such a reducer is no reduction at all, and the models, processors and FLOP counts treat it
+    as none: the image keeps its unreduced layout (LLaVA-OneVision's unpadded grid with a newline
+    per row), so ``keep=1.0`` reproduces the unreduced model's logits and an accuracy-vs-keep
+    curve starts at the unreduced accuracy. The reduced layout (tiles' kept tokens in tile order,
+    one newline) would hold the same features in another order, without the row newlines. The
+    rule reads the spec, not the image: a share below 1.0 that happens to round to every token
+    still takes the reduced layout.
+    """
+    if spec.where != PRE_LLM:
+        return False
+    keep = spec.keep
+    return keep == tile_tokens if isinstance(keep, int) else keep >= 1.0
+
+
 def tokens_per_layer(
     spec: Any,
     n_visual: int,
