@@ -526,6 +526,103 @@ QWEN2_5_VL = OracleSpec(
 )
 
 
+# -- InternVL3: InternViT tiles, pixel shuffle, LayerNorm + MLP projector, Qwen2 ---------------------------------
+
+
+def internvl_hf_config(cfg):
+    """transformers' ``InternVLConfig`` of a visorlib InternVL card (the card's sizes are the shuffled ones)."""
+    from transformers import InternVLConfig
+
+    v, d = cfg.vision, cfg.decoder
+    fold = round(1 / v.downsample_ratio)
+    return InternVLConfig(
+        text_config=qwen2_text_config(d),
+        vision_config=dict(hidden_size=v.hidden_size // fold**2, num_hidden_layers=v.num_layers,
+                           num_attention_heads=v.num_heads, intermediate_size=v.intermediate_size,
+                           image_size=v.image_size, patch_size=v.patch_size // fold, attention_bias=True,
+                           layer_norm_eps=v.layer_norm_eps, use_qk_norm=v.use_qk_norm,
+                           layer_scale_init_value=v.layer_scale_init),
+        downsample_ratio=v.downsample_ratio, image_token_id=cfg.tokens.image_token_id,
+        tie_word_embeddings=d.tie_word_embeddings,
+    )
+
+
+IMG_START, IMG_END = 248, 249  # <img> and </img> of the tiny InternVL inputs
+
+
+def internvl_image(cfg, tiles: int) -> torch.Tensor:
+    """One image's ids as the processor writes them: ``<img>``, 16 tokens a tile (tiny card), ``</img>``."""
+    return torch.cat([torch.tensor([IMG_START]), torch.full((tiles * cfg.vision.tokens_per_tile,),
+                                                             cfg.tokens.image_token_id), torch.tensor([IMG_END])])
+
+
+def internvl_images(*tiles, texts=(3, 4, 2)):
+    """A case of ``len(tiles)`` images (that many tiles each, thumbnail included) between text runs."""
+
+    def make(cfg, g):
+        parts = [text(texts[0], g)]
+        for n, after in zip(tiles, texts[1:], strict=True):
+            parts += [internvl_image(cfg, n), text(after, g)]
+        side = cfg.vision.image_size
+        return dict(input_ids=torch.cat(parts)[None], pixel_values=torch.randn(sum(tiles), 3, side, side, generator=g))
+
+    return make
+
+
+def internvl_rows(cfg, g, texts, tiles):
+    """Left-padded one-image rows, and each row alone with its own tiles."""
+    rows = [torch.cat([text(a, g), internvl_image(cfg, n), text(b, g)]) for (a, b), n in zip(texts, tiles, strict=True)]
+    ids, mask = left_pad(rows)
+    side = cfg.vision.image_size
+    pixels = torch.randn(sum(tiles), 3, side, side, generator=g)
+    alone = [dict(input_ids=r[None], pixel_values=pixels[sum(tiles[:i]): sum(tiles[: i + 1])]) for i, r in enumerate(rows)]
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels), alone
+
+
+def internvl_v5_runtime(key: str) -> str:
+    """transformers 5's in-memory names (``model.language_model.*``, ``model.vision_tower.*``, ``lm_head.*``)."""
+    if key.startswith("language_model.model."):
+        return "model.language_model." + key[len("language_model.model."):]
+    if key.startswith("language_model.lm_head."):
+        return key[len("language_model."):]
+    return "model." + key
+
+
+def internvl_real_config():
+    """OpenGVLab/InternVL3-1B-hf's architecture: InternViT-300M + Qwen2.5-0.5B, untied head."""
+    from transformers import InternVLConfig
+
+    return InternVLConfig(
+        text_config=dict(model_type="qwen2", vocab_size=151674, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=False,
+                         rope_theta=1e6),
+        vision_config=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                           image_size=448, patch_size=14, attention_bias=True, layer_scale_init_value=0.1),
+        downsample_ratio=0.5, image_token_id=151667, tie_word_embeddings=False,
+    )
+
+
+INTERNVL = OracleSpec(
+    family="internvl",
+    card="internvl3-1b",
+    hf_class="InternVLForConditionalGeneration",
+    hf_config=internvl_hf_config,
+    # Norms, biases, layer scales, and the class token and positions (transformers starts them at 0).
+    randomize=lambda model: randomize_norms_and_biases(model, ("norm", "lambda", "cls_token", "position_embeddings")),
+    cases={"text": lambda cfg, g: dict(input_ids=text(19, g)[None]), "image-one-tile": internvl_images(1, texts=(3, 5)),
+           "image-six-tiles": internvl_images(6, texts=(2, 7)), "two-images": internvl_images(3, 1),
+           "frames-as-images": internvl_images(1, 1, 1, texts=(2, 1, 1, 3))},
+    padded_batch=lambda cfg, g: internvl_rows(cfg, g, [(3, 9), (1, 2)], [3, 1]),
+    generation_batch=lambda cfg, g: internvl_rows(cfg, g, [(3, 4), (2, 1)], [3, 1])[0],
+    real_hf_config=internvl_real_config,
+    sdpa_case="two-images",
+    layout_case="image-six-tiles",
+    layouts={"v5-runtime": internvl_v5_runtime},
+    card_overrides=REFERENCE_ROPE,
+    real_parameters=938_193_024,
+)
+
+
 # -- FastVLM: a FastViT (timm) tower, one padded square tile, Qwen2 --------------------------------------------
 
 
@@ -623,4 +720,4 @@ FAST_VLM = OracleSpec(
     save_extras=fast_vlm_image_processor,
 )
 
-SPECS = [LLAVA_ONEVISION, QWEN2_VL, FAST_VLM, QWEN2_5_VL]
+SPECS = [LLAVA_ONEVISION, QWEN2_VL, FAST_VLM, QWEN2_5_VL, INTERNVL]
