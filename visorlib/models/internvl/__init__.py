@@ -15,7 +15,7 @@ from ...modules.counting import linear_flops
 from ...registry import Family, register_family
 from .convert import config_from_hf, convert_internvl_state
 from .model import InternVL, InternVLProjector
-from .processor import InternVLProcessor
+from .processor import InternVLProcessor, reduced_image_tokens
 from .vision import InternViTTower, internvit_tower_flops, pixel_shuffle
 
 
@@ -48,6 +48,7 @@ FAMILY = register_family(Family(
     geometry=geometry,
     tiny=tiny,
     token_packing=False,
+    pre_llm_tokens=reduced_image_tokens,
 ))
 
 __all__ = ["FAMILY", "InternVL", "InternVLProcessor", "InternVLProjector", "InternViTTower", "pixel_shuffle"]

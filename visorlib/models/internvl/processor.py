@@ -33,7 +33,8 @@ from ...processing.image import _normalize, to_chw_tensor, tvF
 from ...processing.processor import ChatProcessor
 from ...processing.tokenizer import Tokenizer
 from ...validation import InputError
-from ...visor.reduction import PRE_LLM, Reducer, ReductionSpecError, parse_reduction, pre_llm_tokens
+from ...visor.reduction import PRE_LLM, Reducer, ReductionSpecError, parse_reduction
+from ..llava_onevision.processor import reduced_image_tokens  # tiles' kept tokens; no newline here
 from ..qwen2_vl.processor import _flat_images
 from .model import IMAGE_CONTEXT
 
@@ -73,21 +74,6 @@ def image_tiles(image: Any, index: int, cfg: ModelConfig) -> torch.Tensor:
     if len(tiles) > 1:
         tiles.append(tvF.resize(frame, [side, side], **bicubic))
     return _normalize(torch.stack(tiles), cfg.processing.image_mean, cfg.processing.image_std)
-
-
-def reduced_image_tokens(cfg: ModelConfig, reducer: Reducer, tiles: int | Sequence[int]) -> int:
-    """Visual tokens of images under a pre-LLM method (``pooling``): every tile's kept tokens, in order.
-
-    Args:
-        cfg: The model's card.
-        reducer: A pre-LLM reducer.
-        tiles: Tiles of one image, or one count per image (what :func:`visorlib.flops` is given).
-    """
-    images = [tiles] if isinstance(tiles, int) else [int(t) for t in tiles]
-    if not images or min(images) < 1:
-        raise ReductionSpecError(f"{reducer.name} reduces each image's tiles: pass tiles= (tiles of the image, or "
-                                 f"one count per image), got {tiles!r}")
-    return sum(pre_llm_tokens(reducer, cfg.vision.tokens_per_tile, n) for n in images)
 
 
 class InternVLProcessor(ChatProcessor):

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...config import ConfigError, ImageProcessingConfig, ModelConfig, TokensConfig, VisionConfig
+from ...config import ConfigError, ModelConfig, VisionConfig
 from ...modules.convert import qwen2_decoder_config, require_value
-from ..qwen2_vl.convert import CLIP_MEAN, CLIP_STD, TEXT_DEFAULTS
+from ..qwen2_vl.convert import TEXT_DEFAULTS, released_tokens_and_processing
 from ..qwen2_vl.convert import convert_qwen2_vl_state as convert_qwen2_5_vl_state
 
 # Qwen2_5_VLVisionConfig's values for keys a config.json omits.
@@ -64,15 +64,7 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json", name: str | 
         fullatt_block_indexes=list(vision["fullatt_block_indexes"]),
         tokens_per_second=float(vision["tokens_per_second"]),
     )
-    tokens = TokensConfig(
-        image_token_id=hf.get("image_token_id", 151655),
-        video_token_id=hf.get("video_token_id", 151656),
-        eos_token_ids=[151645, 151643],
-        pad_token_id=151643,
-        chat_template="qwen2_vl",
-    )
-    processing = ImageProcessingConfig(image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), min_pixels=56 * 56,
-                                       max_pixels=28 * 28 * 16384)
+    tokens, processing = released_tokens_and_processing(hf)
     return ModelConfig(name=name or hf.get("_name_or_path") or "qwen2.5-vl", family="qwen2_5_vl",
                        description="converted from a Hugging Face Qwen2.5-VL checkpoint", vision=vision_cfg,
                        decoder=decoder, use_image_newline=False, processing=processing, tokens=tokens)
