@@ -443,6 +443,186 @@ QWEN2_VL = OracleSpec(
 )
 
 
+# -- Qwen2.5-VL: windowed ViT (RMSNorm, gated MLP), 2x2 merger, Qwen2 with time-aligned M-RoPE ------------------
+
+
+def qwen2_5_vl_hf_config(cfg):
+    """transformers' ``Qwen2_5_VLConfig`` of a visorlib Qwen2.5-VL card."""
+    from transformers import Qwen2_5_VLConfig
+
+    v, d = cfg.vision, cfg.decoder
+    text_cfg = {k: x for k, x in qwen2_text_config(d).items() if k not in ("model_type", "rope_theta")}
+    text_cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": d.rope_theta, "mrope_section": d.mrope_section}
+    return Qwen2_5_VLConfig(
+        text_config=text_cfg,
+        vision_config=dict(depth=v.num_layers, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                           num_heads=v.num_heads, out_hidden_size=d.hidden_size, patch_size=v.patch_size,
+                           spatial_merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
+                           in_channels=v.in_channels, hidden_act=v.hidden_act, window_size=v.window_size,
+                           fullatt_block_indexes=list(v.fullatt_block_indexes),
+                           tokens_per_second=int(v.tokens_per_second)),
+        image_token_id=cfg.tokens.image_token_id, video_token_id=cfg.tokens.video_token_id,
+        vision_start_token_id=VISION_START, vision_end_token_id=VISION_END, tie_word_embeddings=d.tie_word_embeddings,
+    )
+
+
+def qwen2_5_vl_video(seconds: float, with_image: bool = False):
+    """A video of 3 temporal patches (4x4 tokens, 4 windows a frame), ``seconds`` per temporal patch.
+
+    At the tiny card's 2 tokens per second, 0.75 s gives temporal positions 0, 1, 3 (the float
+    step truncated, as the reference does), which stay below the 4 merged rows: there visorlib's
+    rule for the text after a video and transformers 5.23's agree (see the model's docstring).
+    """
+
+    def make(cfg, g):
+        video, image = (3, 8, 8), (1, 4, 6)
+        parts = [text(3, g), qwen2_vl_visual(cfg, video, video=True), text(2, g)]
+        if with_image:
+            parts += [qwen2_vl_visual(cfg, image), text(4, g)]
+        pixels = qwen2_vl_pixels(cfg, g, images=[image] if with_image else [], videos=[video])
+        return dict(input_ids=torch.cat(parts)[None], **pixels, second_per_grid_ts=torch.tensor([seconds]))
+
+    return make
+
+
+def qwen2_5_vl_real_config():
+    """Qwen/Qwen2.5-VL-3B-Instruct's architecture."""
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                         num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True,
+                         max_position_embeddings=128000,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                           window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2),
+        tie_word_embeddings=True,
+    )
+
+
+QWEN2_5_VL = OracleSpec(
+    family="qwen2_5_vl",
+    card="qwen2.5-vl-3b",
+    hf_class="Qwen2_5_VLForConditionalGeneration",
+    hf_config=qwen2_5_vl_hf_config,
+    randomize=lambda model: randomize_norms_and_biases(model, ("norm", "ln_q")),
+    # Windows are 2x2 tokens (4x4 patches) at the tiny size: 8x12 patches are 6 windows, 10x6 has
+    # partial windows at its edge, 2x2 is one window smaller than a window; block 1 attends fully.
+    cases={**{f"image-{h}x{w}": qwen2_vl_images((1, h, w), texts=(3, 6)) for h, w in [(8, 12), (10, 6), (2, 2)]},
+           "two-images": qwen2_vl_images((1, 8, 12), (1, 6, 4)), "video": qwen2_5_vl_video(0.75),
+           "video-one-second": qwen2_5_vl_video(0.5), "video-and-image": qwen2_5_vl_video(0.75, with_image=True),
+           "text": lambda cfg, g: dict(input_ids=text(17, g)[None])},
+    padded_batch=lambda cfg, g: qwen2_vl_rows(cfg, g, [(3, 9), (1, 2)], [(1, 8, 12), (1, 2, 4)]),
+    generation_batch=lambda cfg, g: qwen2_vl_rows(cfg, g, [(3, 4), (2, 1)], [(1, 8, 12), (1, 6, 2)])[0],
+    real_hf_config=qwen2_5_vl_real_config,
+    sdpa_case="two-images",
+    layout_case="image-8x12",
+    layouts={"v5-runtime": qwen2_vl_v5_runtime},
+    card_overrides=REFERENCE_ROPE,
+    hf_extras=qwen2_vl_token_types,
+    hf_padding_positions=False,  # transformers derives M-RoPE positions from the mask itself
+    real_parameters=3_754_622_976,
+    hf_vision_parameters=lambda hf: parameters(hf.model.visual) - parameters(hf.model.visual.merger),
+)
+
+
+# -- InternVL3: InternViT tiles, pixel shuffle, LayerNorm + MLP projector, Qwen2 ---------------------------------
+
+
+def internvl_hf_config(cfg):
+    """transformers' ``InternVLConfig`` of a visorlib InternVL card (the card's sizes are the shuffled ones)."""
+    from transformers import InternVLConfig
+
+    v, d = cfg.vision, cfg.decoder
+    fold = round(1 / v.downsample_ratio)
+    return InternVLConfig(
+        text_config=qwen2_text_config(d),
+        vision_config=dict(hidden_size=v.hidden_size // fold**2, num_hidden_layers=v.num_layers,
+                           num_attention_heads=v.num_heads, intermediate_size=v.intermediate_size,
+                           image_size=v.image_size, patch_size=v.patch_size // fold, attention_bias=True,
+                           layer_norm_eps=v.layer_norm_eps, use_qk_norm=v.use_qk_norm,
+                           layer_scale_init_value=v.layer_scale_init),
+        downsample_ratio=v.downsample_ratio, image_token_id=cfg.tokens.image_token_id,
+        tie_word_embeddings=d.tie_word_embeddings,
+    )
+
+
+IMG_START, IMG_END = 248, 249  # <img> and </img> of the tiny InternVL inputs
+
+
+def internvl_image(cfg, tiles: int) -> torch.Tensor:
+    """One image's ids as the processor writes them: ``<img>``, 16 tokens a tile (tiny card), ``</img>``."""
+    return torch.cat([torch.tensor([IMG_START]), torch.full((tiles * cfg.vision.tokens_per_tile,),
+                                                             cfg.tokens.image_token_id), torch.tensor([IMG_END])])
+
+
+def internvl_images(*tiles, texts=(3, 4, 2)):
+    """A case of ``len(tiles)`` images (that many tiles each, thumbnail included) between text runs."""
+
+    def make(cfg, g):
+        parts = [text(texts[0], g)]
+        for n, after in zip(tiles, texts[1:], strict=True):
+            parts += [internvl_image(cfg, n), text(after, g)]
+        side = cfg.vision.image_size
+        return dict(input_ids=torch.cat(parts)[None], pixel_values=torch.randn(sum(tiles), 3, side, side, generator=g))
+
+    return make
+
+
+def internvl_rows(cfg, g, texts, tiles):
+    """Left-padded one-image rows, and each row alone with its own tiles."""
+    rows = [torch.cat([text(a, g), internvl_image(cfg, n), text(b, g)]) for (a, b), n in zip(texts, tiles, strict=True)]
+    ids, mask = left_pad(rows)
+    side = cfg.vision.image_size
+    pixels = torch.randn(sum(tiles), 3, side, side, generator=g)
+    alone = [dict(input_ids=r[None], pixel_values=pixels[sum(tiles[:i]): sum(tiles[: i + 1])]) for i, r in enumerate(rows)]
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels), alone
+
+
+def internvl_v5_runtime(key: str) -> str:
+    """transformers 5's in-memory names (``model.language_model.*``, ``model.vision_tower.*``, ``lm_head.*``)."""
+    if key.startswith("language_model.model."):
+        return "model.language_model." + key[len("language_model.model."):]
+    if key.startswith("language_model.lm_head."):
+        return key[len("language_model."):]
+    return "model." + key
+
+
+def internvl_real_config():
+    """OpenGVLab/InternVL3-1B-hf's architecture: InternViT-300M + Qwen2.5-0.5B, untied head."""
+    from transformers import InternVLConfig
+
+    return InternVLConfig(
+        text_config=dict(model_type="qwen2", vocab_size=151674, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=False,
+                         rope_theta=1e6),
+        vision_config=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                           image_size=448, patch_size=14, attention_bias=True, layer_scale_init_value=0.1),
+        downsample_ratio=0.5, image_token_id=151667, tie_word_embeddings=False,
+    )
+
+
+INTERNVL = OracleSpec(
+    family="internvl",
+    card="internvl3-1b",
+    hf_class="InternVLForConditionalGeneration",
+    hf_config=internvl_hf_config,
+    # Norms, biases, layer scales, and the class token and positions (transformers starts them at 0).
+    randomize=lambda model: randomize_norms_and_biases(model, ("norm", "lambda", "cls_token", "position_embeddings")),
+    cases={"text": lambda cfg, g: dict(input_ids=text(19, g)[None]), "image-one-tile": internvl_images(1, texts=(3, 5)),
+           "image-six-tiles": internvl_images(6, texts=(2, 7)), "two-images": internvl_images(3, 1),
+           "frames-as-images": internvl_images(1, 1, 1, texts=(2, 1, 1, 3))},
+    padded_batch=lambda cfg, g: internvl_rows(cfg, g, [(3, 9), (1, 2)], [3, 1]),
+    generation_batch=lambda cfg, g: internvl_rows(cfg, g, [(3, 4), (2, 1)], [3, 1])[0],
+    real_hf_config=internvl_real_config,
+    sdpa_case="two-images",
+    layout_case="image-six-tiles",
+    layouts={"v5-runtime": internvl_v5_runtime},
+    card_overrides=REFERENCE_ROPE,
+    real_parameters=938_193_024,
+)
+
+
 # -- FastVLM: a FastViT (timm) tower, one padded square tile, Qwen2 --------------------------------------------
 
 
@@ -540,4 +720,4 @@ FAST_VLM = OracleSpec(
     save_extras=fast_vlm_image_processor,
 )
 
-SPECS = [LLAVA_ONEVISION, QWEN2_VL, FAST_VLM]
+SPECS = [LLAVA_ONEVISION, QWEN2_VL, FAST_VLM, QWEN2_5_VL, INTERNVL]

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from cases_base import ROUTING, build, tiny_cfg
 from cases_fastvlm import FastVLMCase
+from cases_internvl import InternVLCase
 from cases_llava import LlavaCase, batch, row_inputs, sample
+from cases_qwen2_5_vl import Qwen25VLCase
 from cases_qwen2_vl import Qwen2VLCase
 
-CASES = [LlavaCase(), Qwen2VLCase(), FastVLMCase()]
+CASES = [LlavaCase(), Qwen2VLCase(), FastVLMCase(), Qwen25VLCase(), InternVLCase()]
 
 __all__ = ["CASES", "ROUTING", "batch", "build", "row_inputs", "sample", "tiny_cfg", "word_tokenizer"]
 

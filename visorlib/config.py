@@ -85,6 +85,17 @@ class VisionConfig:
             default is replaced, one set to a different value is a ``ConfigError``.
         timm_kwargs: Extra keyword arguments for ``timm.create_model`` (only with ``timm_model``),
             e.g. a shrunk FastViT for tests: ``{layers: [1, 1, 1, 1, 1], embed_dims: [8, 16, 32, 64, 128]}``.
+        window_size: ``qwen2_5_vl``: side, in pixels, of the square windows most tower blocks
+            attend within (112: 4x4 merged tokens); 0 (default) = every block sees the whole frame.
+        fullatt_block_indexes: ``qwen2_5_vl``: the tower blocks that attend over the whole frame
+            instead of a window (``[7, 15, 23, 31]``); empty by default.
+        tokens_per_second: ``qwen2_5_vl``: temporal M-RoPE positions per second of video; a
+            video's temporal patch ``i`` sits at ``int(i * tokens_per_second * second_per_grid_t)``.
+        downsample_ratio: ``internvl``: the pixel shuffle's ratio (0.5 folds 2x2 patches into one
+            token of 4x the width); 1.0 (default) = no shuffle.
+        use_qk_norm: ``internvl``: RMSNorm on the queries and keys of the tower's attention.
+        layer_scale_init: ``internvl``: initial value of the per-channel layer scales (a tower
+            built without a checkpoint); 0 (default) = the tower has no layer scales.
     """
 
     kind: str = "siglip"
@@ -101,10 +112,22 @@ class VisionConfig:
     hidden_act: str = "gelu_tanh"
     timm_model: str | None = None
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    window_size: int = 0
+    fullatt_block_indexes: list[int] = field(default_factory=list)
+    tokens_per_second: float = 2.0
+    downsample_ratio: float = 1.0
+    use_qk_norm: bool = False
+    layer_scale_init: float = 0.0
 
     def __post_init__(self) -> None:
         if self.timm_model is None and self.timm_kwargs:
             raise ConfigError("vision.timm_kwargs is only used together with vision.timm_model")
+        bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.num_layers]
+        if bad:
+            raise ConfigError(f"vision.fullatt_block_indexes {bad} are not blocks of a {self.num_layers}-block tower")
+        if self.window_size < 0 or not 0 < self.downsample_ratio <= 1 or self.tokens_per_second <= 0:
+            raise ConfigError("vision.window_size must be >= 0, vision.downsample_ratio in (0, 1] and "
+                              "vision.tokens_per_second > 0")
         check_positive("vision", self, ("image_size", "patch_size", "hidden_size", "intermediate_size", "num_layers",
                                         "num_heads", "layer_norm_eps", "temporal_patch_size", "spatial_merge_size",
                                         "in_channels"))

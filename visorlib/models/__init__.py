@@ -1,4 +1,4 @@
-"""Model families, one folder each: ``llava_onevision``, ``qwen2_vl``, ``fast_vlm``.
+"""Model families, one folder each: ``llava_onevision``, ``qwen2_vl``, ``qwen2_5_vl``, ``fast_vlm``, ``internvl``.
 
 Importing this package registers every family (:func:`visorlib.registry.register_family`); a
 family folder holds what only that family knows (towers, processor, converters, test sizes, tower
@@ -17,7 +17,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..modules.layers import RMSNorm
 from ..registry import FAMILIES, Family, family_for_hf, family_of
-from . import fast_vlm, llava_onevision, qwen2_vl
+from . import fast_vlm, internvl, llava_onevision, qwen2_5_vl, qwen2_vl
 from .base import Embedded, InputError, ModelOutput, VisionLanguageModel
 from .llava_onevision import LlavaOnevision
 from .qwen2_vl import Qwen2VL
@@ -78,5 +78,5 @@ def set_train_mode(model: nn.Module) -> nn.Module:
 
 
 __all__ = ["FAMILIES", "Embedded", "Family", "InputError", "LlavaOnevision", "ModelOutput", "Qwen2VL",
-           "VisionLanguageModel", "fast_vlm", "family_for_hf", "family_of", "init_weights", "llava_onevision",
-           "model_class", "qwen2_vl", "set_train_mode"]
+           "VisionLanguageModel", "fast_vlm", "family_for_hf", "family_of", "init_weights", "internvl", "llava_onevision",
+           "model_class", "qwen2_5_vl", "qwen2_vl", "set_train_mode"]

@@ -100,6 +100,18 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json", name: str | 
         in_channels=vision.get("in_channels", vision.get("in_chans", 3)),
         hidden_act="quick_gelu",
     )
+    tokens, processing = released_tokens_and_processing(hf)
+    return ModelConfig(name=name or hf.get("_name_or_path") or "qwen2-vl", family="qwen2_vl",
+                       description="converted from a Hugging Face Qwen2-VL checkpoint", vision=vision_cfg,
+                       decoder=decoder, use_image_newline=False, processing=processing, tokens=tokens)
+
+
+def released_tokens_and_processing(hf: dict[str, Any]) -> tuple[TokensConfig, ImageProcessingConfig]:
+    """The special tokens and the image processing of the released Qwen2-VL / Qwen2.5-VL checkpoints.
+
+    ``config.json`` holds only the placeholder ids; the rest (end-of-turn ids, CLIP mean/std, 4 to
+    16384 visual tokens an image) is the same in every released checkpoint of both families.
+    """
     tokens = TokensConfig(
         image_token_id=hf.get("image_token_id", 151655),
         video_token_id=hf.get("video_token_id", 151656),
@@ -109,6 +121,4 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json", name: str | 
     )
     processing = ImageProcessingConfig(image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), min_pixels=56 * 56,
                                        max_pixels=28 * 28 * 16384)
-    return ModelConfig(name=name or hf.get("_name_or_path") or "qwen2-vl", family="qwen2_vl",
-                       description="converted from a Hugging Face Qwen2-VL checkpoint", vision=vision_cfg,
-                       decoder=decoder, use_image_newline=False, processing=processing, tokens=tokens)
+    return tokens, processing

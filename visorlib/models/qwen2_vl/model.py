@@ -48,7 +48,8 @@ from .vision import PatchMerger
 
 
 def mrope_positions(
-    segments: torch.Tensor, attention_mask: torch.Tensor, grids: torch.Tensor, merge: int
+    segments: torch.Tensor, attention_mask: torch.Tensor, grids: torch.Tensor, merge: int,
+    intervals: list[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """M-RoPE position ids of a prefill, like the reference ``get_rope_index``.
 
@@ -58,6 +59,9 @@ def mrope_positions(
         attention_mask: ``[B, L]``, 0 on (left) padding.
         grids: ``[media, 3]`` patch grid ``(t, h, w)`` of each ordinal (images, then videos).
         merge: Spatial merge size (2): a visual token covers ``merge x merge`` patches.
+        intervals: Temporal positions per temporal patch of each ordinal (Qwen2.5-VL's videos:
+            ``tokens_per_second * second_per_grid_t``; frame ``i`` sits at ``int(i * interval)``,
+            computed in float32 as the reference does); None: 1 for every ordinal (Qwen2-VL).
 
     Returns:
         ``(position_ids [3, B, L], rope_deltas [B, 1])``; padding gets position 0.
@@ -80,9 +84,12 @@ def mrope_positions(
             if count != t * h * w:
                 raise InputError(f"sample {row}: visual input {value} has {count} consecutive tokens, expected "
                                  f"{t * h * w} (its grid is {t}x{h}x{w} after merging); its tokens must form one run")
-            axes = torch.meshgrid(*(torch.arange(n, device=device) for n in (t, h, w)), indexing="ij")
+            frames = torch.arange(t, device=device)
+            if intervals is not None and intervals[value] != 1:
+                frames = (frames * torch.tensor(intervals[value], dtype=torch.float32, device=device)).long()
+            axes = torch.meshgrid(frames, *(torch.arange(n, device=device) for n in (h, w)), indexing="ij")
             chunks.append(torch.stack(axes).flatten(1) + start)
-            start += max(t, h, w)  # the next text starts one past the largest position used
+            start = int(chunks[-1].max()) + 1  # the next text starts one past the largest position used
         if chunks:
             positions[:, row, real] = torch.cat(chunks, dim=1)
         deltas.append(start - int(real.sum()))
@@ -108,10 +115,12 @@ class Qwen2VL(VisionLanguageModel):
         cfg: A zoo card, or the config converted from a Hugging Face Qwen2-VL ``config.json``.
     """
 
+    merger_class: type[torch.nn.Module] = PatchMerger  # Qwen2.5-VL's differs only in its norm
+
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.vision_tower = build_vision_tower(self.cfg.vision)
-        self.projector = PatchMerger(self.cfg.vision, self.cfg.decoder.hidden_size)
+        self.projector = self.merger_class(self.cfg.vision, self.cfg.decoder.hidden_size)
         self.image_newline = None  # no row-end tokens: M-RoPE positions carry the 2-D layout
         self._finish_init()
 
@@ -179,6 +188,7 @@ class Qwen2VL(VisionLanguageModel):
         attention_mask: torch.Tensor,
         grids: list[torch.Tensor],
         cache: KVCache | None,
+        intervals: list[float] | None = None,
     ) -> torch.Tensor:
         """``[3, B, L]`` M-RoPE positions of the new tokens (prefill, or decode after one).
 
@@ -187,6 +197,7 @@ class Qwen2VL(VisionLanguageModel):
             attention_mask: ``[B, L_cache + L]``, 0 on padding.
             grids: ``image_grid_thw`` then ``video_grid_thw`` (those given), in segment order.
             cache: At prefill it receives the position offset; at decode they place the new tokens.
+            intervals: Temporal position step of each ordinal (see :func:`mrope_positions`).
         """
         past = cache.seen if cache is not None else 0
         if past:
@@ -196,7 +207,8 @@ class Qwen2VL(VisionLanguageModel):
                 text = text + cache.position_offset
             return text[None].expand(3, -1, -1)
         grid = torch.cat(grids) if grids else segments.new_zeros(0, 3)
-        positions, deltas = mrope_positions(segments, attention_mask, grid, self.cfg.vision.spatial_merge_size)
+        positions, deltas = mrope_positions(segments, attention_mask, grid, self.cfg.vision.spatial_merge_size,
+                                            intervals)
         if cache is not None:
             cache.position_offset = deltas
         return positions
