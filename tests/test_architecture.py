@@ -119,7 +119,7 @@ def test_visorlib_has_no_import_cycle():
 
 # -- family branches: only a family's own folder may name it ----------------------------------------------------
 
-FAMILY_NAMES = {"llava_onevision", "qwen2_vl", "fast_vlm", "fastvit", "siglip"}
+FAMILY_NAMES = {"llava_onevision", "qwen2_vl", "fast_vlm", "fastvit", "siglip", "qwen2_5_vl", "internvl", "internvit"}
 BRANCH_FIELDS = {"kind", "family"}
 ALLOWED = {"registry.py"}  # the registry maps names to the code registered under them
 

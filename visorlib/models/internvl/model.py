@@ -137,6 +137,7 @@ class InternVL(VisionLanguageModel):
                 f"token_reduction: {pre_llm[0].name} scores tokens by the vision tower's attention, which InternViT "
                 "computes over its 32x32 patches and class token, not over the pixel-shuffled tokens the decoder "
                 "sees; pooling (pre-LLM) and fastv / pyramiddrop (in-LLM) work with this family")
-        embedded = self.embed_inputs(input_ids, cache, pixel_values, token_reduction)
-        return self.run_language_model(input_ids, embedded, attention_mask, position_ids, labels, cache, logits_to_keep,
-                                       sa_layers, in_llm)
+        # The spec is parsed once: the vision path gets its parsed pre-LLM part, the decoder the in-LLM one.
+        embedded = self.embed_inputs(input_ids, cache, pixel_values, pre_llm)
+        return self.language_model(input_ids, embedded, attention_mask, position_ids, labels, cache, logits_to_keep,
+                                   sa_layers, in_llm)

@@ -85,5 +85,5 @@ class Qwen25VL(Qwen2VL):
                 "In-LLM methods (fastv, pyramiddrop) work with this family")
         embedded = self.embed_inputs(input_ids, cache, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
                                      second_per_grid_ts)
-        return self.run_language_model(input_ids, embedded, attention_mask, position_ids, labels, cache, logits_to_keep,
-                                       sa_layers, in_llm)
+        return self.language_model(input_ids, embedded, attention_mask, position_ids, labels, cache, logits_to_keep,
+                                   sa_layers, in_llm)
