@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ...config import ModelConfig
-from ...processing.chat import _check_messages, _parts
+from ...processing.templates import normalize_messages
 from ...processing.image import _normalize, to_chw_tensor, tvF
 from ...processing.processor import ChatProcessor
 from ...processing.tokenizer import Tokenizer
@@ -153,10 +153,11 @@ class InternVLProcessor(ChatProcessor):
         """The InternVL3 (ChatML) prompt: ``<|im_start|>{role}\n{parts}<|im_end|>\n`` per message, no
         default system turn, each image part as ``<IMG_CONTEXT>\n``, the parts in their order."""
         pieces = []
-        for index, message in enumerate(_check_messages(messages)):
+        # The shared check (processing/templates.py): string content becomes one text part, unknown part types are errors.
+        for message in normalize_messages(messages):
             body = "".join(part["text"] if part["type"] == "text" else
                            IMAGE_CONTEXT + "\n" if part["type"] in ("image", "image_url") else "<video>\n"
-                           for part in _parts(message, index))
+                           for part in message["content"])
             pieces.append(f"<|im_start|>{message['role']}\n{body}<|im_end|>\n")
         if add_generation_prompt:
             pieces.append("<|im_start|>assistant\n")
