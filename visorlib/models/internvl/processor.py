@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from ...config import ModelConfig
-from ...processing.templates import normalize_messages
 from ...processing.image import _normalize, to_chw_tensor, tvF
 from ...processing.processor import ChatProcessor
+from ...processing.templates import normalize_messages
 from ...processing.tokenizer import Tokenizer
 from ...validation import InputError
 from ...visor.reduction import PRE_LLM, Reducer, ReductionSpecError, parse_reduction
