@@ -93,9 +93,16 @@ class InternVLProcessor(ChatProcessor):
     turn_open = "<|im_start|>{role}\n"
     turn_close = "<|im_end|>\n"
 
-    def __init__(self, cfg: ModelConfig, tokenizer: Tokenizer | None = None):
-        # Only the image placeholder is checked: InternVL's tokenizer has no video token.
+    def __init__(self, cfg: ModelConfig, tokenizer: Tokenizer | None = None, chat_template: str | None = None,
+                 chat_template_source: str | None = None):
+        # Only the image placeholder is checked: InternVL's tokenizer has no video token, so the base
+        # __init__ (which checks both) is not called and its fields are set here. The prompt is built by
+        # apply_chat_template below; a checkpoint's template is kept for the record (i22's contract).
         self.cfg, self.tokenizer = cfg, tokenizer
+        self.chat_template = chat_template
+        self.chat_template_source = chat_template_source or "the InternVL3 prompt of apply_chat_template"
+        self.video_num_frames: int | None = None
+        self.video_fps: float | None = None
         if tokenizer is not None and tokenizer.token_to_id(IMAGE_CONTEXT) != cfg.tokens.image_token_id:
             raise ValueError(f"the tokenizer maps {IMAGE_CONTEXT} to {tokenizer.token_to_id(IMAGE_CONTEXT)} but the "
                              f"model config expects {cfg.tokens.image_token_id} (cfg.tokens)")
