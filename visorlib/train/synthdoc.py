@@ -75,6 +75,23 @@ TASKS = {
 DEFAULT_TASK = TASKS["stamps"]
 
 
+def task_of(model) -> SynthdocTask:
+    """The synthdoc task a trained model was trained on: its checkpoint's ``synthdoc.json``.
+
+    Shipped synthdoc weights carry ``{"task": NAME}`` beside their config; a model without it
+    (random weights, or a checkpoint from before the file existed) is taken to be a
+    :data:`DEFAULT_TASK` model.
+    """
+    folder = getattr(model, "checkpoint_dir", None)
+    marker = Path(folder) / "synthdoc.json" if folder else None
+    if marker is None or not marker.exists():
+        return DEFAULT_TASK
+    name = json.loads(marker.read_text()).get("task")
+    if name not in TASKS:
+        raise ValueError(f"{marker}: unknown synthdoc task {name!r} (known: {', '.join(sorted(TASKS))})")
+    return TASKS[name]
+
+
 def drill_turns(task: SynthdocTask, rng: random.Random) -> list[tuple[str, str, str]]:
     """The questions of a text-only *reading drill* row, answered from ``task.drill``.
 
