@@ -9,7 +9,8 @@ small word vocabulary. Two tasks are registered in :data:`TASKS`:
   alone answers every one of its questions.
 * ``order`` (:mod:`visorlib.train.synthdoc_order`): stamps that only the order of the visual
   tokens places, so two of its question kinds provably need a self-attention layer. Designed to
-  show VISOR's point; the tiny model did not learn it on a CPU (measured, docs/synthdoc.md).
+  show VISOR's point; measured, the dense model learns to locate in ~6000 CPU steps but the VISOR
+  stages lose it (docs/synthdoc.md), so no shipped model uses it yet.
 
 This module is the machinery both share: the pages of a seed, the dataset files a recipe trains
 on (one multi-turn conversation per page, plus one file per question kind for evaluation and
