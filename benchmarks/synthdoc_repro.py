@@ -110,24 +110,33 @@ def score(folder: Path, pages: int, only=None, task: SynthdocTask = DEFAULT_TASK
     return [r for r in rows if only is None or r["sa_layers"] == only]
 
 
-def ship(work: Path) -> None:
-    """Copy the dense and the final VISOR model, with recipes and logs, into ``zoo/weights/``."""
-    for name, stage in (("synthdoc-tiny", "dense"), ("visor-synthdoc-tiny", "router")):
+def ship(work: Path, task: SynthdocTask = DEFAULT_TASK) -> None:
+    """Copy the dense and the final VISOR model, with recipes and logs, into ``zoo/weights/``.
+
+    The stamps task ships as ``synthdoc-tiny`` / ``visor-synthdoc-tiny``, the order task as
+    ``synthdoc-order-tiny`` / ``visor-synthdoc-order-tiny`` (cards to add beside them, with ``base:
+    synthdoc-tiny`` / ``visor-synthdoc-tiny``); each folder gets a ``synthdoc.json`` naming its
+    task, which ``visorlib demo`` reads (:func:`visorlib.train.synthdoc.task_of`).
+    """
+    chain = CHAINS[task.name]
+    dense = chain[2][0] if task.name == "order" else "dense"
+    prefix = "synthdoc-order-tiny" if task.name == "order" else "synthdoc-tiny"
+    recipes = {stage: recipe for stage, recipe, _ in chain}
+    for name, stage in ((prefix, dense), (f"visor-{prefix}", "router")):
         target = ROOT / "zoo" / "weights" / name
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(exported(work, stage), target)
         (target / "recipes").mkdir()
-        stages = ["read", "dense"] if stage == "dense" else ["read", "dense", "stage1", "stage2", "router"]
-        for part in stages:
-            recipe = dict(CHAIN_BY_STAGE)[part]  # the stamps chain: the shipped models' task
-            shutil.copy(RECIPES / f"{recipe}.yaml", target / "recipes")
+        upto = [s for s, _, _ in chain if not s.startswith("independent")]
+        for part in upto[:upto.index(stage) + 1]:
+            shutil.copy(RECIPES / f"{recipes[part]}.yaml", target / "recipes")
             for log in ("metrics.jsonl", "router-report.json"):
                 if (work / part / log).exists():
                     shutil.copy(work / part / log, target / "recipes" / f"{part}-{log}")
+        (target / "synthdoc.json").write_text(json.dumps({"task": task.name}) + "\n")
         print(f"shipped {target}")
 
 
-CHAIN_BY_STAGE = [(stage, recipe) for stage, recipe, _ in CHAIN]
 
 
 def markdown(result: dict) -> str:
@@ -254,7 +263,7 @@ def main() -> None:
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result) if task.name == "order" else json.dumps(evaluation)[:2000])
     if args.ship:
-        ship(work)
+        ship(work, task)
 
 
 if __name__ == "__main__":

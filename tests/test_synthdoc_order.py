@@ -175,3 +175,18 @@ def test_the_probe_variants_are_well_formed():
                     assert answer(facts, question) == truth
                 if category == "place":
                     assert facts["stamps"][question.removeprefix("what colour is at the ").removesuffix(" ?")] == truth
+
+
+def test_a_checkpoint_names_its_synthdoc_task(tmp_path):
+    """``visorlib demo`` asks the weights which task they answer (``synthdoc.json``)."""
+    from types import SimpleNamespace
+
+    from visorlib.train.synthdoc import DEFAULT_TASK, task_of
+
+    assert task_of(SimpleNamespace(checkpoint_dir=None)) is DEFAULT_TASK
+    assert task_of(SimpleNamespace(checkpoint_dir=str(tmp_path))) is DEFAULT_TASK
+    (tmp_path / "synthdoc.json").write_text('{"task": "order"}')
+    assert task_of(SimpleNamespace(checkpoint_dir=str(tmp_path))) is TASK
+    (tmp_path / "synthdoc.json").write_text('{"task": "nope"}')
+    with pytest.raises(ValueError, match="synthdoc.json: unknown synthdoc task 'nope'"):
+        task_of(SimpleNamespace(checkpoint_dir=str(tmp_path)))

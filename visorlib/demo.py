@@ -138,8 +138,8 @@ def run_demo(model_name: str = "visor-synthdoc-tiny", examples: int = 2, pages: 
     import torch
 
     from . import zoo
-    from .train.synthdoc import DEFAULT_TASK as task
     from .train.synthdoc import pages as make_pages
+    from .train.synthdoc import task_of
 
     if threads:
         torch.set_num_threads(threads)
@@ -151,6 +151,7 @@ def run_demo(model_name: str = "visor-synthdoc-tiny", examples: int = 2, pages: 
     params = sum(p.numel() for p in model.parameters())
     print(f"visorlib demo: {model_name}, CPU-trained weights shipped with visorlib ({params / 1e6:.2f} M parameters), "
           f"offline, {torch.get_num_threads()} thread(s); loaded in {time.perf_counter() - started:.1f} s")
+    task = task_of(model)
     tile = model.cfg.vision.image_size
     shown = configurations_to_show(model)
     if len(shown) > 1:  # the cheapest, the full configuration and the router

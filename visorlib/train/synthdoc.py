@@ -9,7 +9,8 @@ small word vocabulary. Two tasks are registered in :data:`TASKS`:
   alone answers every one of its questions.
 * ``order`` (:mod:`visorlib.train.synthdoc_order`): stamps that only the order of the visual
   tokens places, so two of its question kinds provably need a self-attention layer. Designed to
-  show VISOR's point; the tiny model did not learn it on a CPU (measured, docs/synthdoc.md).
+  show VISOR's point; measured, the dense model learns to locate in ~6000 CPU steps but the VISOR
+  stages lose it (docs/synthdoc.md), so no shipped model uses it yet.
 
 This module is the machinery both share: the pages of a seed, the dataset files a recipe trains
 on (one multi-turn conversation per page, plus one file per question kind for evaluation and
@@ -73,6 +74,23 @@ TASKS = {
 }
 #: The task of the shipped ``synthdoc-tiny`` / ``visor-synthdoc-tiny`` weights.
 DEFAULT_TASK = TASKS["stamps"]
+
+
+def task_of(model) -> SynthdocTask:
+    """The synthdoc task a trained model was trained on: its checkpoint's ``synthdoc.json``.
+
+    Shipped synthdoc weights carry ``{"task": NAME}`` beside their config; a model without it
+    (random weights, or a checkpoint from before the file existed) is taken to be a
+    :data:`DEFAULT_TASK` model.
+    """
+    folder = getattr(model, "checkpoint_dir", None)
+    marker = Path(folder) / "synthdoc.json" if folder else None
+    if marker is None or not marker.exists():
+        return DEFAULT_TASK
+    name = json.loads(marker.read_text()).get("task")
+    if name not in TASKS:
+        raise ValueError(f"{marker}: unknown synthdoc task {name!r} (known: {', '.join(sorted(TASKS))})")
+    return TASKS[name]
 
 
 def drill_turns(task: SynthdocTask, rng: random.Random) -> list[tuple[str, str, str]]:
