@@ -19,6 +19,7 @@ from visorlib.train import Trainer, load_recipe
 from visorlib.train.router import run_router_stage
 from visorlib.train.synthdoc import (
     DEFAULT_TASK,
+    TASKS,
     held_out_questions,
     make_synthdoc_dataset,
     pages,
@@ -222,7 +223,8 @@ def test_at_a_glance_reads_the_table():
 def test_the_chain_has_every_recipe():
     assert {p.stem for p in RECIPES} == {"synthdoc-read", "synthdoc-dense", "synthdoc-stage1", "synthdoc-stage2",
                                           "synthdoc-independent-1", "synthdoc-independent-ca", "synthdoc-independent-full",
-                                          "synthdoc-router"}
+                                          "synthdoc-router", "synthdoc-order-dense", "synthdoc-order-dense2",
+                                          "synthdoc-order-router"}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
@@ -230,18 +232,21 @@ def test_synthdoc_recipe_runs_two_shrunk_steps(path, tmp_path):
     assert path.read_text().startswith("# ") and "visorlib" in path.read_text().splitlines()[0]
     recipe = load_recipe(path)
     data = tmp_path / "data"
-    make_synthdoc_dataset(data, visorlib.get_config(recipe.model.name), pages_count=4, seed=1, drill_rows=4)
+    task = TASKS["order"] if path.stem.startswith("synthdoc-order-") else TASKS["stamps"]
+    make_synthdoc_dataset(data, visorlib.get_config(recipe.model.name), pages_count=4, seed=1, drill_rows=4, task=task)
     if recipe.training.stage == "router":
-        datasets = ", ".join(f"{{path: {data / c}.jsonl, name: {c}}}" for c in CATEGORIES)
+        datasets = ", ".join(f"{{path: {data / c}.jsonl, name: {c}}}" for c in task.categories)
     else:  # the recipe's own dataset (the drill file or the page folder), moved into tmp_path
-        assert recipe.data.datasets[0].path.endswith(("runs/synthdoc/data", "runs/synthdoc/data/drill.jsonl"))
+        assert recipe.data.datasets[0].path.endswith(("runs/synthdoc/data", "runs/synthdoc/data/drill.jsonl",
+                                                      "runs/synthdoc-order/data"))
         source = data / Path(recipe.data.datasets[0].path).name if recipe.data.datasets[0].path.endswith(".jsonl") else data
         datasets = f"{{path: {source}, format: synthetic}}"
     # Start from a checkpoint of the parent stage's architecture, as the chain does (the path a dense
     # checkpoint takes into a VISOR card is visorize, which a from-scratch start would skip).
     parent = None
     if recipe.model.pretrained:
-        parent_card = "synthdoc-tiny" if any(s in recipe.model.pretrained for s in ("/read/", "/dense/")) else recipe.model.name
+        parent_card = ("synthdoc-tiny" if any(s in recipe.model.pretrained for s in ("/read/", "/dense/", "/dense2/"))
+                       else recipe.model.name)
         parent = zoo.instantiate(visorlib.get_config(parent_card)).save_pretrained(tmp_path / "parent")
     shrink = [
         f"model.pretrained={parent}" if parent else "model.pretrained=null", f"data.datasets=[{datasets}]",
