@@ -10,9 +10,13 @@
   same card (what ``visorlib profile --plot`` draws): language-model FLOPs of the dense model and
   of three VISOR configurations against the number of visual tokens.
 
-Both come from the cards and the FLOP counter alone: they do not depend on any trained weights.
-Figures that do (the shipped synthdoc model's accuracy-vs-FLOPs plot, ``visorlib eval --plot``)
-are not made here yet.
+These two come from the cards and the FLOP counter alone. Two more come from the shipped synthdoc
+weights and change when they do (rerun this script after shipping new ones):
+
+* ``demo-pages.png`` — the first two held-out pages ``visorlib demo`` shows, with one question of
+  each kind and its answer;
+* ``synthdoc-accuracy-vs-flops.png`` — ``visorlib eval --plot`` of ``visor-synthdoc-tiny`` on 30
+  held-out pages: accuracy against language-model FLOPs for every configuration and the router.
 """
 
 from __future__ import annotations
@@ -63,9 +67,56 @@ def layer_plan(path: Path) -> Path:
     return path
 
 
+def demo_pages(path: Path) -> Path:
+    """Two held-out pages of the shipped model's task, enlarged, with one question of each kind."""
+    import random
+
+    from visorlib.demo import HELD_OUT_SEED
+    from visorlib.train.synthdoc import DEFAULT_TASK, pages
+
+    tile = visorlib.get_config("visor-synthdoc-tiny").vision.image_size
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+    for number, (ax, (image, facts, _)) in enumerate(zip(axes, pages(HELD_OUT_SEED, 2, tile, DEFAULT_TASK), strict=True), 1):
+        ax.imshow(image.resize((8 * image.width, 8 * image.height), 0))  # nearest: every pixel stays sharp
+        ax.axhline(8 * tile, color="white", lw=0.6, ls="--")  # where the processor cuts the tiles
+        ax.axvline(8 * tile, color="white", lw=0.6, ls="--")
+        qa = {c: (q, a) for c, q, a in DEFAULT_TASK.questions(facts, random.Random(f"demo-{number}"))}
+        ax.set_title(f"page {number} (held-out seed {HELD_OUT_SEED})", fontsize=9)
+        ax.set_xlabel("\n".join(f"[{c}] {q}  ->  {a}" for c, (q, a) in qa.items()), fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("visorlib demo's pages: 2 x 2 tiles of 32 px (dashed), one stamp each", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def shipped_accuracy_vs_flops(path: Path) -> Path:
+    """``visorlib eval --plot`` of the shipped ``visor-synthdoc-tiny`` on 30 held-out pages."""
+    import tempfile
+
+    import torch
+
+    from visorlib.demo import HELD_OUT_SEED
+    from visorlib.eval import evaluate
+    from visorlib.train.synthdoc import DEFAULT_TASK, make_synthdoc_dataset
+
+    torch.set_num_threads(1)
+    model = visorlib.build("visor-synthdoc-tiny", pretrained=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_synthdoc_dataset(Path(tmp) / "held-out", model.cfg, 30, seed=HELD_OUT_SEED, task=DEFAULT_TASK)
+        files = [str(data.parent / f"{kind}.jsonl") for kind in DEFAULT_TASK.categories]
+        report = evaluate(model, files, configs="all", max_new_tokens=4)
+        report.plot(path)
+    return path
+
+
 def main() -> None:
     made = [layer_plan(HERE / "layer-plan.png"),
-            plot_flops_vs_visual_tokens(visorlib.get_config(CARD), HERE / "flops-vs-visual-tokens.png")]
+            plot_flops_vs_visual_tokens(visorlib.get_config(CARD), HERE / "flops-vs-visual-tokens.png"),
+            demo_pages(HERE / "demo-pages.png"),
+            shipped_accuracy_vs_flops(HERE / "synthdoc-accuracy-vs-flops.png")]
     for path in made:
         print(path)
 
