@@ -56,6 +56,7 @@ from visorlib.train.synthdoc_order import (  # noqa: E402
     INKS,
     NAMES,
     QUADRANTS,
+    located_questions,
     missing_ink,
     render_order_page,
 )
@@ -77,16 +78,7 @@ def _find_questions(facts: dict, rng: random.Random) -> list[tuple[str, str, str
     out = [("easy", "what colour is the background ?", facts["background"]),
            ("find", f"is there a {rng.choice(present)} ?", "yes"),
            ("find", f"is there a {rng.choice(absent)} ?", "no")]
-    for top in ("top left", "top right"):
-        for bottom in ("bottom left", "bottom right"):
-            if rng.random() < 0.5:
-                out.append(("order", f"is the {stamps[top]} above the {stamps[bottom]} ?", "yes"))
-            else:
-                out.append(("order", f"is the {stamps[bottom]} above the {stamps[top]} ?", "no"))
-    for where in rng.sample(QUADRANTS, 2):
-        row, column = where.split()
-        out.append(("above", f"what colour is above the {stamps[where]} ?",
-                    stamps[f"top {column}"] if row == "bottom" else "nothing"))
+    out += located_questions(stamps, rng)
     rng.shuffle(out)
     return out
 

@@ -116,7 +116,18 @@ def order_questions(facts: dict, rng: random.Random) -> list[tuple[str, str, str
     stamps = facts["stamps"]
     out = [("easy", "what colour is the background ?", facts["background"]),
            ("missing", "which colour is missing ?", missing_ink(facts))]
-    # Every (top, bottom) pair once, asked one way or the other: yes and no equally often.
+    out += located_questions(stamps, rng)
+    rng.shuffle(out)
+    return out
+
+
+def located_questions(stamps: dict, rng: random.Random) -> list[tuple[str, str, str]]:
+    """The page's four ``order`` and two ``above`` questions (in this order; the caller shuffles).
+
+    Every (top, bottom) pair once, asked one way or the other, so yes and no come equally often;
+    ``above`` of two random stamps, so ``nothing`` (a top stamp) is half the answers.
+    """
+    out = []
     for top in ("top left", "top right"):
         for bottom in ("bottom left", "bottom right"):
             if rng.random() < 0.5:
@@ -127,7 +138,6 @@ def order_questions(facts: dict, rng: random.Random) -> list[tuple[str, str, str
         row, column = where.split()
         answer = stamps[f"top {column}"] if row == "bottom" else "nothing"
         out.append(("above", f"what colour is above the {stamps[where]} ?", answer))
-    rng.shuffle(out)
     return out
 
 
