@@ -185,3 +185,23 @@ def test_decode_rows_survive_a_failing_row():
                            rows.Budget(100))
     assert out["broken"] == {"status": "error: RuntimeError: transformers API changed"}
     assert out["counting"]["kv_bytes_per_sample"] == 10 and out["counting"]["tokens_per_s"] > 0
+
+
+def test_the_whole_prefill_benchmark_runs_and_its_models_agree(tmp_path):
+    """benchmarks/whole_prefill_bench.py on the tiny card: both models give the same logits, the
+    rounds are all recorded, and the op profile names ops of both libraries."""
+    out = tmp_path / "whole.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(BENCH / "whole_prefill_bench.py"), "--smoke", "--repeats", "2",
+                           "--profile-rounds", "1", "--out", str(out)], env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["last_logits_agreement"]["max_abs"] < 1e-4
+    assert result["last_logits_agreement"]["top1_agreement"] == 1.0
+    for part in ("prefill", "decode_step"):
+        for library in ("visorlib", "transformers"):
+            assert len(result[part][library]["rounds_s"]) == 2
+    ops = result["op_differences"]["ops"]
+    assert ops and all(op["visorlib_s"] >= 0 and op["transformers_s"] >= 0 for op in ops)
+    assert any(op["visorlib_calls"] > 0 for op in ops) and any(op["transformers_calls"] > 0 for op in ops)

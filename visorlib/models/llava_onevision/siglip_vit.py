@@ -12,7 +12,27 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ...config import VisionConfig
+from ...config import ConfigError, VisionConfig
+
+# timm's names for the tower's MLP activation (``VisionConfig.hidden_act``) -> F.gelu's ``approximate``.
+GELU_APPROXIMATION = {"gelu_tanh": "tanh", "gelu": "none"}
+
+
+class InferenceInPlaceGELU(nn.GELU):
+    """``nn.GELU`` that writes into its input when autograd records nothing (inference, a frozen tower).
+
+    Why: in the MLP the first projection's output is dead once activated, and it is the largest
+    buffer of the tower (``[tiles * 729, 4304]``, 25 MB for two 384-px tiles). A second buffer of
+    that size per block was the one glibc's heap kept returning to the system and faulting back in:
+    profiled against transformers' SigLIP on the same weights, the MLP's GELU and bias copy took
+    2.2x and 10x as long as transformers' identical ops (``benchmarks/README.md``, "Whole prefill
+    vs transformers"). Same kernel, same values; with autograd on it is plain ``nn.GELU``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return super().forward(x)
+        return torch.ops.aten.gelu_(x, approximate=self.approximate)
 
 
 class SiglipVisionTower(VisionTransformer):
@@ -23,6 +43,9 @@ class SiglipVisionTower(VisionTransformer):
     """
 
     def __init__(self, cfg: VisionConfig):
+        if cfg.hidden_act not in GELU_APPROXIMATION:
+            raise ConfigError(f"vision.hidden_act {cfg.hidden_act!r} is not supported by the SigLIP tower "
+                              f"(one of {sorted(GELU_APPROXIMATION)})")
         super().__init__(
             img_size=cfg.image_size,
             patch_size=cfg.patch_size,
@@ -36,7 +59,7 @@ class SiglipVisionTower(VisionTransformer):
             class_token=False,
             global_pool="",
             num_classes=0,
-            act_layer=cfg.hidden_act,
+            act_layer=partial(InferenceInPlaceGELU, approximate=GELU_APPROXIMATION[cfg.hidden_act]),
             norm_layer=partial(nn.LayerNorm, eps=cfg.layer_norm_eps),
         )
         self.cfg = cfg
