@@ -79,26 +79,34 @@ def test_paper_scale_savings():
     assert small.decode_step < dense.decode_step
 
 
-@pytest.mark.parametrize(("config", "media"), [("dense", "image"), ("dense", "video"), ([1], "image"), ([1, 2, 4], "video")])
-def test_qwen2_vl_flops_match_flop_counter(config, media):
-    """Tower by patches (attention per frame), merger, and M-RoPE decoder: within 2 % of the counter."""
-    from cases_qwen2_vl import Qwen2VLCase
+def _counted_qwen_forward(case, config, media: str, grid: tuple[int, int, int]):
+    """A tiny Qwen-family model of ``case`` run on one image or video of patch grid ``grid`` under
+    the FLOP counter: ``(model, n_visual, sa_layers, counted FLOPs)``."""
     from visor_helpers import build
 
-    case = Qwen2VLCase()
     model = build(case.tiny_cfg(sa_layers=None) if config == "dense" else case.tiny_cfg(router=False))
-    t, h, w = 3 if media == "video" else 1, 6, 10  # a video of 3 temporal patches: 3 attention sequences
+    t, h, w = grid
     token = model.cfg.tokens.video_token_id if media == "video" else model.cfg.tokens.image_token_id
     n_visual = t * h * w // 4
     ids = torch.cat([torch.randint(0, 200, (1, 5)), torch.full((1, n_visual), token), torch.randint(0, 200, (1, 6))], 1)
     pixels = torch.randn(t * h * w, model.vision_tower.patch_dim)
-    vision = {"pixel_values_videos": pixels, "video_grid_thw": torch.tensor([[t, h, w]])} if media == "video" else \
-        {"pixel_values": pixels, "image_grid_thw": torch.tensor([[t, h, w]])}
+    pixels_key = "pixel_values_videos" if media == "video" else "pixel_values"
+    grid_key = "video_grid_thw" if media == "video" else "image_grid_thw"
     sa_layers = None if config == "dense" else config
     with flop_counter() as counter:
-        model(ids, **vision, logits_to_keep=1, sa_layers=sa_layers)
+        model(ids, **{pixels_key: pixels, grid_key: torch.tensor([[t, h, w]])}, logits_to_keep=1, sa_layers=sa_layers)
+    return model, n_visual, sa_layers, counter.get_total_flops()
+
+
+@pytest.mark.parametrize(("config", "media"), [("dense", "image"), ("dense", "video"), ([1], "image"), ([1, 2, 4], "video")])
+def test_qwen2_vl_flops_match_flop_counter(config, media):
+    """Tower by patches (attention per frame), merger, and M-RoPE decoder: within 2 % of the counter."""
+    from cases_qwen2_vl import Qwen2VLCase
+
+    t, h, w = 3 if media == "video" else 1, 6, 10  # a video of 3 temporal patches: 3 attention sequences
+    model, n_visual, sa_layers, counted = _counted_qwen_forward(Qwen2VLCase(), config, media, (t, h, w))
     report = flops(model, n_visual=n_visual, n_text=11, tiles=[h * w] * t, sa_layers=sa_layers)
-    assert report.total == pytest.approx(counter.get_total_flops(), rel=0.02)
+    assert report.total == pytest.approx(counted, rel=0.02)
     assert report.components["vision_tower"] > 0 and report.components["projector"] > 0
 
 
@@ -107,22 +115,11 @@ def test_qwen2_5_vl_flops_match_flop_counter(config, media):
     """Windowed tower (attention per window in block 0, per frame in block 1) counted from the grids:
     within 2 % of the counter; counted from per-frame patch counts alone it is an estimate."""
     from cases_qwen2_5_vl import Qwen25VLCase
-    from visor_helpers import build
 
-    case = Qwen25VLCase()
-    model = build(case.tiny_cfg(sa_layers=None) if config == "dense" else case.tiny_cfg(router=False))
     t, h, w = (3, 8, 8) if media == "video" else (1, 10, 16)  # 4 and 12 windows (partial ones at the edge) a frame
-    token = model.cfg.tokens.video_token_id if media == "video" else model.cfg.tokens.image_token_id
-    n_visual = t * h * w // 4
-    ids = torch.cat([torch.randint(0, 200, (1, 5)), torch.full((1, n_visual), token), torch.randint(0, 200, (1, 6))], 1)
-    pixels = torch.randn(t * h * w, model.vision_tower.patch_dim)
-    vision = {"pixel_values_videos": pixels, "video_grid_thw": torch.tensor([[t, h, w]])} if media == "video" else \
-        {"pixel_values": pixels, "image_grid_thw": torch.tensor([[t, h, w]])}
-    sa_layers = None if config == "dense" else config
-    with flop_counter() as counter:
-        model(ids, **vision, logits_to_keep=1, sa_layers=sa_layers)
+    model, n_visual, sa_layers, counted = _counted_qwen_forward(Qwen25VLCase(), config, media, (t, h, w))
     report = flops(model, n_visual=n_visual, n_text=11, tiles=[(t, h, w)], sa_layers=sa_layers)
-    assert report.total == pytest.approx(counter.get_total_flops(), rel=0.02)
+    assert report.total == pytest.approx(counted, rel=0.02)
     tower = report.components["vision_tower"]
     estimate = flops(model, n_visual=n_visual, n_text=11, tiles=[h * w] * t, sa_layers=sa_layers)
     assert estimate.components["projector"] == report.components["projector"] > 0
