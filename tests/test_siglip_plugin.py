@@ -66,3 +66,34 @@ def test_plugged_tower_trains_and_equals_timm():
     with torch.no_grad():
         expected = reference.forward_features(captured["pixels"])
     torch.testing.assert_close(captured["out"].detach(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("hidden_act", ["gelu_tanh", "gelu"])
+def test_the_tower_gelu_writes_in_place_only_when_autograd_records_nothing(hidden_act):
+    """Inference reuses the first projection's buffer; with autograd on it is plain nn.GELU (same values and grads)."""
+    from visorlib.models.llava_onevision.siglip_vit import GELU_APPROXIMATION, InferenceInPlaceGELU
+
+    act = InferenceInPlaceGELU(approximate=GELU_APPROXIMATION[hidden_act])
+    reference = torch.nn.GELU(approximate=GELU_APPROXIMATION[hidden_act])
+    x = torch.randn(4, 7)
+    expected = reference(x)
+    with torch.inference_mode():
+        buffer = x.clone()
+        out = act(buffer)
+        assert out.data_ptr() == buffer.data_ptr() and torch.equal(out, expected)
+    leaf = x.clone().requires_grad_()
+    out = act(leaf)
+    assert out.data_ptr() != leaf.data_ptr() and torch.equal(leaf, x)  # the input is left alone
+    out.sum().backward()
+    leaf_ref = x.clone().requires_grad_()
+    reference(leaf_ref).sum().backward()
+    assert torch.equal(out.detach(), expected) and torch.equal(leaf.grad, leaf_ref.grad)
+
+
+def test_a_tower_activation_other_than_gelu_is_refused_naming_the_key():
+    from visorlib.models.llava_onevision.siglip_vit import SiglipVisionTower
+
+    cfg = VisionConfig(image_size=28, patch_size=14, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2,
+                       hidden_act="quick_gelu")
+    with pytest.raises(ConfigError, match=r"vision.hidden_act 'quick_gelu' is not supported by the SigLIP tower"):
+        SiglipVisionTower(cfg)
