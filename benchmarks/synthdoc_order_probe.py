@@ -23,6 +23,8 @@ Variants (each a :class:`~visorlib.train.synthdoc.SynthdocTask`):
   by averaging every visual token: no lookup), tower frozen;
 * ``place``: five inks, easy + missing + "what colour is at the top left ?" for every quadrant
   (located by position, not by a colour word), tower frozen.
+* ``row``: the task as committed with "which row is the red in ?" (``top`` / ``bottom``) where it
+  asks ``above``: one located look, answered with a place word instead of an ink, tower frozen.
 
 What was measured (``benchmarks/results/synthdoc-order-probes.json``, docs/synthdoc.md): every
 variant learns the easy question within ~500 steps and ``missing`` by ~2500, but no variant formed a
@@ -91,6 +93,17 @@ def _place_questions(facts: dict, rng: random.Random) -> list[tuple[str, str, st
     return out
 
 
+def _row_questions(facts: dict, rng: random.Random) -> list[tuple[str, str, str]]:
+    """easy, missing, four order and two "which row is the red in ?" questions, shuffled."""
+    stamps = facts["stamps"]
+    out = [("easy", "what colour is the background ?", facts["background"]),
+           ("missing", "which colour is missing ?", missing_ink(facts)),
+           *[q for q in located_questions(stamps, rng) if q[0] == "order"]]
+    out += [("row", f"which row is the {stamps[where]} in ?", where.split()[0]) for where in rng.sample(QUADRANTS, 2)]
+    rng.shuffle(out)
+    return out
+
+
 ORDER = TASKS["order"]
 _FIND = dataclasses.replace(
     ORDER, name="order-find", categories=("easy", "find", "order", "above"),
@@ -106,6 +119,9 @@ VARIANTS: dict[str, tuple[SynthdocTask, list[str]]] = {
         ORDER, name="order-place", categories=("easy", "missing", "place"), questions=_place_questions,
         words=(*"what which colour is the background missing ? at top bottom left right".split(), *BACKGROUNDS, *NAMES)),
         ["training.freeze_vision_tower=true"]),
+    "row": (dataclasses.replace(ORDER, name="order-row", categories=("easy", "missing", "row", "order"),
+                                questions=_row_questions, words=(*ORDER.words, "row", "in", "top", "bottom")),
+            ["training.freeze_vision_tower=true"]),
 }
 
 

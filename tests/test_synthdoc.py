@@ -224,7 +224,8 @@ def test_the_chain_has_every_recipe():
     assert {p.stem for p in RECIPES} == {"synthdoc-read", "synthdoc-dense", "synthdoc-stage1", "synthdoc-stage2",
                                           "synthdoc-independent-1", "synthdoc-independent-ca", "synthdoc-independent-full",
                                           "synthdoc-router", "synthdoc-order-dense", "synthdoc-order-dense2",
-                                          "synthdoc-order-router"}
+                                          "synthdoc-order-stage1", "synthdoc-order-stage2", "synthdoc-order-router",
+                                          "synthdoc-order-independent-ca", "synthdoc-order-independent-full"}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
@@ -258,7 +259,7 @@ def test_synthdoc_recipe_runs_two_shrunk_steps(path, tmp_path):
     ]
     recipe = load_recipe(path, shrink)
     trainer = Trainer(recipe)
-    assert (trainer.model.cfg.visor is None) == (recipe.model.name == "synthdoc-tiny")
+    assert (trainer.model.cfg.visor is None) == (recipe.model.name in ("synthdoc-tiny", "synthdoc-order-tiny"))
     if recipe.training.stage == "router":
         report = run_router_stage(recipe, trainer, held_out_task_accuracy)
         assert "router_accuracy" in report and (tmp_path / "ckpt" / "model" / "tokenizer.json").exists()

@@ -173,6 +173,9 @@ def test_the_probe_variants_are_well_formed():
                     assert truth not in facts["stamps"].values() and truth in task.words
                 if category in ("order", "above", "find", "missing"):
                     assert answer(facts, question) == truth
+                if category == "row":
+                    ink = question.removeprefix("which row is the ").removesuffix(" in ?")
+                    assert next(w for w, n in facts["stamps"].items() if n == ink).split()[0] == truth
                 if category == "place":
                     assert facts["stamps"][question.removeprefix("what colour is at the ").removesuffix(" ?")] == truth
 

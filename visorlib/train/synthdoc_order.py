@@ -31,7 +31,12 @@ two rows are at least 18 apart, and the margins keep every stamp token three tok
 image's first and last token). Swapping the page's two rows of tiles therefore changes nothing the
 CA-only text can see, while it flips the answer of every ``order`` and ``above`` question; the page
 distribution is symmetric under the swap, so **no CA-only model can beat 0.5 on them**
-(:func:`row_blind_bound` checks this on the held-out pages). A self-attention layer attends over the
+(:func:`row_blind_bound` checks this on the held-out pages). **Measured caveat:** the glance is not
+exactly row-blind. The resize cancels a checkerboard inside a stamp but not at its edges, so the
+glance's stamp edges keep a faint (at most 2 grey levels), ink-dependent trace, and each glance
+token knows its place. A CA-only model trained alone used it: 0.63 on 400 held-out ``order``
+questions (docs/synthdoc.md, "A third attempt"). The bound is exact only for a reader that ignores
+that trace. A self-attention layer attends over the
 sequence with rotary positions and causally, so a bottom stamp's tokens can see what came before
 them: the rows.
 
